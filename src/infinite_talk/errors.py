@@ -1,0 +1,29 @@
+"""User-facing errors.
+
+Every failure the user can cause or fix is one of these: the message says what went wrong, names the file or option
+involved and what to do. The CLI, UI and service print the message (never a traceback) for these.
+"""
+
+
+class InfiniteTalkError(Exception):
+    """Base class: `str(err)` is a complete, user-readable message."""
+
+
+class CheckpointError(InfiniteTalkError):
+    """A model file is missing, corrupt, of the wrong model or in an unsupported format."""
+
+
+class InputError(InfiniteTalkError):
+    """A user input (image, video, audio, box, prompt) is unusable."""
+
+
+class OptionError(InfiniteTalkError):
+    """An option value is unknown, or cannot run on this machine."""
+
+
+class NotLoadedError(InfiniteTalkError):
+    """A component is used before `load_models` was called."""
+
+
+class CancelledError(InfiniteTalkError):
+    """The user cancelled a running job; finished chunks are kept."""

@@ -1,0 +1,144 @@
+"""The one options schema behind the CLI, the web UI and the job API.
+
+`LoadOptions` says which model files to load and how (precision, quantization, attention). `GenerateOptions` says
+what to make from which inputs. Each field carries its help text and allowed values in `metadata`, so every front end
+builds its controls from here. `validate()` checks values only; whether a value can *run* on this machine is the
+planner's job (`infinite_talk.plan`), which refuses with the reason instead of falling back silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import OptionError
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall "
+    "gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "
+    "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
+    "legs, many people in the background, walking backwards"
+)
+DEFAULT_PROMPT = "A person is talking."
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+SCHEDULERS = ("euler", "unipc", "dpm++", "distill4")
+AUDIO_MODES = ("para", "add")
+SIZES = (480, 720)
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, **extra: Any):
+    """A dataclass field with its help text and allowed values."""
+    meta = {"help": help, "choices": choices, **extra}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class LoadOptions:
+    """Which model files to load and how."""
+
+    preset: str | None = opt(None, "'tiny' builds tiny random checkpoints in the real formats (tests, demos: noise video)",
+                             choices=(None, "tiny"))
+    models_dir: str | None = opt(None, "folder with the released model files (found by content, not by name)")
+    transformer: str | None = opt(None, "Wan2.1-I2V-14B DiT: shard folder, single file or diffusers folder")
+    adapter: str | None = opt(None, "InfiniteTalk adapter file (single/ or multi/infinitetalk.safetensors)")
+    vae: str | None = opt(None, "Wan2.1 VAE file or folder")
+    t5: str | None = opt(None, "umT5-XXL encoder weights")
+    t5_tokenizer: str | None = opt(None, "folder of the google/umt5-xxl tokenizer")
+    clip: str | None = opt(None, "CLIP ViT-H/14 vision weights")
+    wav2vec: str | None = opt(None, "chinese-wav2vec2-base folder or single file")
+    model_precision: str = opt("bf16", "compute precision of the transformer", choices=PRECISIONS)
+    vae_precision: str = opt("bf16", "precision of the VAE", choices=PRECISIONS)
+    quantization: str = opt("disabled", "quantization of the transformer weights",
+                            choices=("disabled", "fp8", "int8", "nf4", "fp4"))
+    attention: str = opt("auto", "attention kernel",
+                         choices=("auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattn", "sageattn_3"))
+    device: str = opt("auto", "'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'")
+
+    def validate(self) -> LoadOptions:
+        _check_choices(self)
+        return self
+
+
+@dataclass
+class GenerateOptions:
+    """What to make: inputs, sampling and output."""
+
+    image: str | None = opt(None, "reference image (image-to-video)")
+    video: str | None = opt(None, "reference video (video dubbing)")
+    audio: str | None = opt(None, "speech of speaker 1 (wav/mp3/flac/m4a/ogg or a video's audio)")
+    audio2: str | None = opt(None, "speech of speaker 2 (optional)")
+    audio_mode: str = opt("para", "two speakers: 'para' simultaneous, 'add' speaker 1 then speaker 2",
+                          choices=AUDIO_MODES)
+    bbox: list | None = opt(None, "per-speaker boxes [[row_min, col_min, row_max, col_max], ...] in source pixels")
+    prompt: str = opt(DEFAULT_PROMPT, "what the video shows")
+    negative_prompt: str = opt(DEFAULT_NEGATIVE_PROMPT, "null-text condition for guidance")
+    size: int = opt(480, "resolution tier", choices=SIZES)
+    steps: int = opt(40, "denoising steps per chunk (exactly these run)", minimum=1, maximum=1000)
+    scheduler: str = opt("euler", "timestep schedule and solver", choices=SCHEDULERS)
+    shift: float | None = opt(None, "timestep shift (default 7 at 480, 11 at 720)", minimum=0.0, maximum=100.0)
+    text_scale: float = opt(5.0, "text guidance scale (1 drops the text pass)", minimum=0.0, maximum=50.0)
+    audio_scale: float = opt(4.0, "audio guidance scale (1 with text 1: one pass per step)", minimum=0.0, maximum=50.0)
+    use_apg: bool = opt(False, "adaptive projected guidance")
+    seed: int | None = opt(None, "random seed (random when unset; the one used is recorded)")
+    color_correction: float = opt(1.0, "colour-correction strength against the reference frame (0 = off)",
+                                  minimum=0.0, maximum=1.0)
+    max_seconds: float | None = opt(None, "stop after this many seconds of video (default: the whole audio)",
+                                    minimum=0.0)
+    frame_num: int = opt(81, "frames per chunk (4n+1)", minimum=5)
+    motion_frames: int = opt(9, "context frames carried between chunks (4k+1)", minimum=1)
+    out: str | None = opt(None, "output mp4 path (a JSON sidecar is written next to it)")
+
+    @property
+    def effective_shift(self) -> float:
+        if self.shift is not None:
+            return float(self.shift)
+        return 7.0 if self.size == 480 else 11.0
+
+    def validate(self) -> GenerateOptions:
+        _check_choices(self)
+        if (self.frame_num - 1) % 4:
+            raise OptionError(f"frame_num must be 4n+1 (e.g. 81), got {self.frame_num}")
+        if (self.motion_frames - 1) % 4 or self.motion_frames >= self.frame_num:
+            raise OptionError(f"motion_frames must be 4k+1 and below frame_num, got {self.motion_frames}")
+        return self
+
+
+def _check_choices(obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            shown = ", ".join(str(c) for c in choices if c is not None)
+            raise OptionError(f"{f.name}: unknown value {value!r}; choose one of: {shown}")
+        if value is None:
+            continue
+        lo, hi = f.metadata.get("minimum"), f.metadata.get("maximum")
+        if lo is not None and value < lo or hi is not None and value > hi:
+            raise OptionError(f"{f.name}: {value} is outside [{lo}, {hi if hi is not None else '∞'}]")
+
+
+def from_dict(cls, data: dict[str, Any]):
+    """Build options from a plain dict (JSON, form fields); unknown keys are errors, never ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise OptionError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}")
+    return cls(**data).validate()
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def load_json(cls, path: str | Path):
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise OptionError(f"cannot read options file {path}: {err}") from err
+    return from_dict(cls, data)
