@@ -156,11 +156,6 @@ def _refuse_other_models(path: Path, keys: set[str], infos: dict) -> None:
     if patch is not None and len(patch.shape) == 5 and patch.shape[1] == 16:
         raise CheckpointError(f"{path}: this is a Wan text-to-video (T2V) checkpoint (patch_embedding takes 16 input "
                               "channels); InfiniteTalk needs the image-to-video Wan2.1-I2V-14B-480P model (36)")
-    has_base = any(k.startswith(("blocks.0.self_attn.", "blocks.0.attn1.")) for k in keys)
-    has_img = any(k.startswith(("blocks.0.cross_attn.k_img", "blocks.0.attn2.add_k_proj")) for k in keys)
-    if has_base and not has_img:
-        raise CheckpointError(f"{path}: this Wan checkpoint has no image cross-attention (k_img), so it is not an "
-                              "I2V model; InfiniteTalk needs Wan2.1-I2V-14B-480P")
 
 
 def plan_file(path: Path) -> FilePlan:
@@ -251,6 +246,10 @@ def load_transformer(
     expected = _expected_shapes(geometry)
     _check_shapes(plans, expected, geometry)
 
+    all_keys = {k for plan in plans for k in plan.keys.values()}
+    if any(".attn1." in k for k in all_keys) and not any(".attn2.add_k_proj." in k for k in all_keys):
+        raise CheckpointError(f"{files[0]}: this Wan checkpoint has no image cross-attention (k_img), so it is not "
+                              "an I2V model; InfiniteTalk needs Wan2.1-I2V-14B-480P")
     covered: dict[str, FilePlan] = {}
     for plan in plans:
         for model_key in plan.keys.values():
