@@ -61,7 +61,8 @@ def read_image(path: str | Path) -> Image.Image:
     except InputError:
         raise
     except Image.DecompressionBombError as err:
-        raise InputError(f"{path}: the image is too large to open safely ({err}); downscale it first") from None
+        raise InputError(f"{path}: the image is larger than this tool accepts ({MAX_SIDE} pixels per side, "
+                         f"{MAX_PIXELS // 1_000_000} megapixels; {err}); downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{path}: not a readable image ({type(err).__name__}: {err}); "
                          "give a PNG, JPEG or WebP picture") from None
