@@ -34,13 +34,20 @@ def _open(path: str | Path):
     except Exception as err:  # av.error.InvalidDataError, FileNotFoundError, ...
         raise InputError(f"{path}: cannot decode audio (not a supported or a corrupt media file: {err}); {_FIX}") from err
     if not container.streams.audio:
+        fmt = container.format.name
+        video = [s for s in container.streams.video if s.codec_context.name not in ("ansi", "bintext", "xbin")]
         container.close()
+        if fmt == "tty" or not video:
+            raise InputError(f"{path}: cannot decode audio (not a supported or a corrupt media file: no audio stream, "
+                             f"detected format {fmt!r}); {_FIX}")
+        if fmt.endswith("_pipe"):
+            raise InputError(f"{path}: is an image ({fmt}), not audio; {_FIX}")
         raise InputError(f"{path}: has no audio stream (a video without sound?); {_FIX}")
     return container
 
 
-def _decode(path: Path, resampler_kwargs: dict | None) -> tuple[list[np.ndarray], int, int]:
-    """Decoded frames as float32 [channels, n] arrays, plus (sample_rate, channels)."""
+def _decode(path: Path, rate_out: int | None) -> tuple[list[np.ndarray], int, int]:
+    """Decoded frames as float32 [channels, n] arrays (resampled to `rate_out` if given), plus (rate, channels)."""
     import av
 
     container = _open(path)
@@ -49,13 +56,12 @@ def _decode(path: Path, resampler_kwargs: dict | None) -> tuple[list[np.ndarray]
         stream = container.streams.audio[0]
         rate = stream.codec_context.sample_rate or stream.rate or 0
         channels = stream.codec_context.channels or 0
-        if resampler_kwargs is None:
-            if rate <= 0 or channels <= 0:
-                raise InputError(f"{path}: audio stream has no sample rate / channel layout; {_FIX}")
-            resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=rate)
-        else:
-            resampler = av.AudioResampler(**resampler_kwargs)
-            rate = resampler_kwargs["rate"]
+        if rate <= 0 or channels <= 0:
+            raise InputError(f"{path}: audio stream has no sample rate / channel layout; {_FIX}")
+        if rate_out is not None:
+            rate = rate_out
+        # Channels are kept (callers average them, like librosa's mono=True; FFmpeg's down-mix would not).
+        resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=rate)
         for frame in container.decode(stream):
             for out in resampler.resample(frame):
                 chunks.append(out.to_ndarray())
@@ -85,12 +91,11 @@ def _check_samples(path: Path, data: np.ndarray, rate: int) -> None:
 
 
 def load_audio(path: str | Path) -> np.ndarray:
-    """Mono float32 samples at 16 kHz (channels averaged by the resampler) of an audio file or a video's audio track."""
+    """Mono float32 samples at 16 kHz (channels averaged) of an audio file or a video's audio track."""
     path = Path(path)
-    chunks, rate, _ = _decode(path, {"format": "flt", "layout": "mono", "rate": SAMPLE_RATE})
-    wave = np.concatenate([c.reshape(-1) for c in chunks]).astype(np.float32, copy=False) if chunks else np.zeros(
-        0, np.float32
-    )
+    chunks, _, channels = _decode(path, SAMPLE_RATE)
+    data = np.concatenate(chunks, axis=1) if chunks else np.zeros((channels, 0), np.float32)
+    wave = data.astype(np.float32, copy=False).mean(axis=0, dtype=np.float32)
     _check_samples(path, wave, SAMPLE_RATE)
     return np.ascontiguousarray(wave)
 
