@@ -1,0 +1,608 @@
+"""What this machine can run: hardware, versions and a functional micro-test per kernel (OPTIONS.md §4.1).
+
+`probe()` runs once per process and is cached. Every kernel/library entry is a `Kernel(available, reason, version)`:
+`available` is True only when the package imports, the hardware gate passes AND a tiny call matches a float32
+reference; `reason` says what ran, or why not ("package X not installed", "needs sm >= 8.9; this GPU is sm_80",
+"micro-test failed: <error>"). `Capabilities.from_dict()` builds the same object from plain data so tests and
+`doctor --simulate` can stand in for machines we do not have (`simulated(name)`).
+
+Micro-tests (all on cuda:0 when a GPU is present, else on the CPU):
+- attention: q, k, v of shape [B=1, H=2, L=128, D=128] in bf16 (head dim 128 as in Wan) against float32 math SDPA,
+  relative L2 error below 1e-2 for bf16 kernels, 5e-2 for SageAttention2 (int8/fp8), 0.25 for SageAttention3 (fp4);
+  L = 128 rather than 64 because SageAttention3 works on 128-token blocks.
+- `torch._scaled_mm`: fp8 e4m3 32x32 tiles, tensorwise scales, against the float32 product of the same fp8 values.
+- torchao / bitsandbytes: a 128x128 bf16 Linear quantized in place, against its unquantized output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+# Display order and meaning of the kernel/library entries.
+KERNELS: dict[str, str] = {
+    "sdpa_math": "torch SDPA, math backend",
+    "sdpa_efficient": "torch SDPA, memory-efficient backend (bf16 and fp32)",
+    "sdpa_flash": "torch SDPA, flash backend (FA2 kernels in torch; CPU flash kernel on CPU)",
+    "sdpa_cudnn": "torch SDPA, cuDNN backend",
+    "flash_attn_2": "FlashAttention-2 (flash-attn >= 2.6.3, diffusers 'flash')",
+    "flash_attn_3": "FlashAttention-3 (flash_attn_interface, dist flash_attn_3, diffusers '_flash_3')",
+    "fa3_fwd": "FlashAttention-3 forward-only wheel fa3-fwd (fa3_fwd_interface)",
+    "sageattn": "SageAttention2 (sageattention >= 2.1.1, diffusers 'sage')",
+    "sageattn_3": "SageAttention3 FP4 (sageattn3, Blackwell)",
+    "scaled_mm_fp8": "torch._scaled_mm fp8 e4m3 GEMM",
+    "fp8_storage": "fp8 e4m3 weight storage (cast + upcast)",
+    "torchao_int8_wo": "torchao int8 weight-only",
+    "torchao_fp8_dynamic": "torchao float8 dynamic activation + weight (rowwise)",
+    "torchao_nvfp4": "torchao NVFP4 dynamic activation + weight",
+    "bnb_nf4": "bitsandbytes NF4 4-bit weights",
+    "cpu_bf16": "bf16 matmul on the CPU",
+    "cpu_fp16": "fp16 matmul on the CPU",
+    "triton": "Triton (torch.compile, Triton kernels); import only",
+    "gguf": "gguf reader (GGUF checkpoints); import only",
+}
+
+BLACKWELL_SMS = ((10, 0), (12, 0), (12, 1))
+_ATTN_SHAPE = (1, 2, 128, 128)  # B, H, L, D
+_REQUIRED_FLASH_ATTN = (2, 6, 3)  # diffusers 0.42 `_REQUIRED_FLASH_VERSION`
+_REQUIRED_SAGE = (2, 1, 1)  # diffusers 0.42 `_REQUIRED_SAGE_VERSION`
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel or library: does it run here, why (not), and which version."""
+
+    available: bool
+    reason: str
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    capability: tuple[int, int]
+    total_memory_gib: float
+    free_memory_gib: float | None = None
+
+    @property
+    def sm(self) -> str:
+        return f"sm_{self.capability[0]}{self.capability[1]}"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Probe result. `device` is "cuda" when a usable CUDA GPU is present, else "cpu". Kernel tests ran on
+    `gpus[probed_gpu]` (cuda:0) when there is a GPU."""
+
+    device: str
+    gpus: tuple[GpuInfo, ...] = ()
+    probed_gpu: int = 0
+    host_ram_gib: float | None = None
+    host_ram_available_gib: float | None = None
+    cpu_native_bf16: bool = False
+    python_version: str = ""
+    torch_version: str = ""
+    cuda_version: str | None = None
+    cudnn_version: str | None = None
+    driver_version: str | None = None
+    kernels: dict[str, Kernel] = field(default_factory=dict)
+    simulated: str | None = None  # name of the simulated machine, None for a real probe
+
+    # ---- convenience -------------------------------------------------------------------------------------------
+    @property
+    def gpu(self) -> GpuInfo | None:
+        return self.gpus[self.probed_gpu] if self.gpus else None
+
+    @property
+    def gpu_count(self) -> int:
+        return len(self.gpus)
+
+    @property
+    def gpu_name(self) -> str | None:
+        return self.gpu.name if self.gpu else None
+
+    @property
+    def compute_capability(self) -> tuple[int, int] | None:
+        return self.gpu.capability if self.gpu else None
+
+    def kernel(self, key: str) -> Kernel:
+        """The entry for `key`; an entry missing from a (simulated) probe counts as unavailable."""
+        if key not in KERNELS:
+            raise KeyError(f"unknown kernel {key!r}")
+        return self.kernels.get(key) or Kernel(False, "not probed")
+
+    def summary(self) -> str:
+        """One line: 'NVIDIA H100 80GB HBM3 (sm_90), CUDA 13.0' or 'no CUDA GPU (CPU only)'."""
+        if not self.gpu:
+            return "no CUDA GPU (CPU only)"
+        cuda = f", CUDA {self.cuda_version}" if self.cuda_version else ""
+        return f"{self.gpu.name} ({self.gpu.sm}){cuda}"
+
+    # ---- (de)serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["gpus"] = [{**dataclasses.asdict(g), "capability": list(g.capability)} for g in self.gpus]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Capabilities:
+        """Build from plain data (JSON, a test fixture). Unknown keys are errors; kernels may be given as
+        `Kernel`, a dict, or a bare bool (then the reason says 'simulated')."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown Capabilities field(s): {', '.join(unknown)}")
+        data = dict(data)
+        gpus = []
+        for i, g in enumerate(data.pop("gpus", ()) or ()):
+            if isinstance(g, GpuInfo):
+                gpus.append(g)
+                continue
+            g = dict(g)
+            g.setdefault("index", i)
+            g["capability"] = tuple(g["capability"])
+            gpus.append(GpuInfo(**g))
+        kernels = {}
+        for key, k in (data.pop("kernels", None) or {}).items():
+            if key not in KERNELS:
+                raise ValueError(f"unknown kernel {key!r}; known: {', '.join(KERNELS)}")
+            if isinstance(k, bool):
+                k = Kernel(k, "simulated: available" if k else "simulated: not available")
+            elif isinstance(k, dict):
+                k = Kernel(**k)
+            kernels[key] = k
+        data.setdefault("device", "cuda" if gpus else "cpu")
+        return cls(gpus=tuple(gpus), kernels=kernels, **data)
+
+
+# ---- the real probe ----------------------------------------------------------------------------------------------
+_CACHE: Capabilities | None = None
+
+
+def probe(refresh: bool = False) -> Capabilities:
+    """Probe this machine once per process (cached; `refresh=True` probes again)."""
+    global _CACHE
+    if _CACHE is None or refresh:
+        _CACHE = _probe()
+    return _CACHE
+
+
+def _probe() -> Capabilities:
+    import torch
+
+    gpus: list[GpuInfo] = []
+    cuda_ok = False
+    try:
+        cuda_ok = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    except Exception:  # a broken driver must not crash the probe
+        cuda_ok = False
+    if cuda_ok:
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            free = None
+            try:
+                free = torch.cuda.mem_get_info(i)[0] / 2**30
+            except Exception:
+                pass
+            gpus.append(GpuInfo(i, p.name, (p.major, p.minor), round(p.total_memory / 2**30, 1),
+                                None if free is None else round(free, 1)))
+    cudnn = None
+    try:
+        if cuda_ok and torch.backends.cudnn.is_available():
+            v = torch.backends.cudnn.version()
+            cudnn = f"{v // 10000}.{v // 100 % 100}.{v % 100}" if v and v >= 10000 else str(v)
+    except Exception:
+        pass
+    total, avail = _host_ram_gib()
+    caps = Capabilities(
+        device="cuda" if gpus else "cpu",
+        gpus=tuple(gpus),
+        host_ram_gib=total,
+        host_ram_available_gib=avail,
+        cpu_native_bf16=_cpu_native_bf16(),
+        python_version=platform.python_version(),
+        torch_version=torch.__version__,
+        cuda_version=torch.version.cuda,
+        cudnn_version=cudnn,
+        driver_version=_driver_version() if gpus else None,
+    )
+    kernels = {key: _run_check(key, caps) for key in KERNELS}
+    return dataclasses.replace(caps, kernels=kernels)
+
+
+def _host_ram_gib() -> tuple[float | None, float | None]:
+    total = avail = None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return (None if total is None else round(total, 1)), (None if avail is None else round(avail, 1))
+
+
+def _cpu_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def _driver_version() -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---- checks --------------------------------------------------------------------------------------------------
+class _Unmet(Exception):
+    """A requirement is not met (hardware, package, version): not a micro-test failure."""
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+def _run_check(key: str, caps: Capabilities) -> Kernel:
+    fn = _CHECKS[key]
+    version = None
+    try:
+        version, what = fn(caps)
+        return Kernel(True, what, version)
+    except _Unmet as err:
+        reason, version = err.args[0], (err.args[1] if len(err.args) > 1 else None)
+        return Kernel(False, reason, version)
+    except Exception as err:  # the micro-test itself broke: that is the reason
+        return Kernel(False, f"micro-test failed: {_one_line(err)}", version)
+
+
+def _dist_version(*dists: str) -> str | None:
+    for d in dists:
+        try:
+            return importlib.metadata.version(d)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _vtuple(v: str | None) -> tuple[int, ...]:
+    parts = []
+    for p in (v or "0").split("+")[0].split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _import(module: str, package: str, version: str | None):
+    if importlib.util.find_spec(module) is None:
+        raise _Unmet(f"package {package} not installed", version)
+    try:
+        return importlib.import_module(module)
+    except Exception as err:
+        raise _Unmet(f"package {package} does not import: {_one_line(err)}", version) from err
+
+
+def _need_gpu(caps: Capabilities, what: str = "a CUDA GPU", min_sm: tuple[int, int] | None = None,
+              sms: tuple[tuple[int, int], ...] | None = None, version: str | None = None) -> None:
+    if not caps.gpu:
+        raise _Unmet(f"needs {what}; this machine has none", version)
+    cc = caps.gpu.capability
+    if min_sm and cc < min_sm:
+        raise _Unmet(f"needs sm >= {min_sm[0]}.{min_sm[1]}; this GPU is {caps.gpu.sm} ({caps.gpu.name})", version)
+    if sms and cc not in sms:
+        wanted = "/".join(f"sm_{a}{b}" for a, b in sms)
+        raise _Unmet(f"needs {what} ({wanted}); this GPU is {caps.gpu.sm} ({caps.gpu.name})", version)
+
+
+def _dev(caps: Capabilities) -> str:
+    return "cuda:0" if caps.gpu else "cpu"
+
+
+def _qkv(device: str, dtype=None):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(_ATTN_SHAPE, generator=g) for _ in range(3))
+    return [t.to(device=device, dtype=dtype or torch.bfloat16) for t in (q, k, v)]
+
+
+def _ref_attention(q, k, v):
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+
+
+def _compare(out, ref, tol: float, label: str) -> str:
+    import torch
+
+    out = out[0] if isinstance(out, tuple | list) else out
+    if tuple(out.shape) != tuple(ref.shape):
+        raise RuntimeError(f"{label}: output shape {tuple(out.shape)} != expected {tuple(ref.shape)}")
+    out = out.float()
+    if not torch.isfinite(out).all():
+        raise RuntimeError(f"{label}: non-finite output")
+    err = ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+    if err > tol:
+        raise RuntimeError(f"{label}: relative error {err:.3g} > {tol:g} against the float32 reference")
+    return f"rel err {err:.2g}"
+
+
+def _sdpa_check(backend_name: str, cuda_only: bool, dtypes=("bfloat16",)):
+    def check(caps: Capabilities):
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        version = torch.__version__
+        if cuda_only:
+            _need_gpu(caps, version=version)
+        backend = getattr(SDPBackend, backend_name)
+        dev = _dev(caps)
+        errs = []
+        for dt in dtypes:
+            q, k, v = _qkv(dev, getattr(torch, dt))
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(q, k, v)
+            errs.append(f"{dt} {_compare(out, _ref_attention(q, k, v), 1e-2, backend_name)}")
+        return version, f"micro-test passed on {dev} ([1,2,128,128]; {', '.join(errs)})"
+
+    return check
+
+
+def _check_flash_attn_2(caps: Capabilities):
+    version = _dist_version("flash-attn", "flash_attn")
+    _need_gpu(caps, "a CUDA GPU with sm >= 8.0", min_sm=(8, 0), version=version)
+    mod = _import("flash_attn", "flash-attn", version)
+    if _vtuple(version) < _REQUIRED_FLASH_ATTN:
+        raise _Unmet(f"flash-attn {version} installed; diffusers needs >= 2.6.3", version)
+    q, k, v = _qkv("cuda:0")
+    out = mod.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+    return version, f"micro-test passed on cuda:0 ({_compare(out, _ref_attention(q, k, v), 1e-2, 'flash_attn')})"
+
+
+def _fa3_check(module: str, package: str, dists: tuple[str, ...], diffusers_dist: str | None):
+    def check(caps: Capabilities):
+        version = _dist_version(*dists)
+        _need_gpu(caps, "a Hopper GPU", sms=((9, 0),), version=version)
+        mod = _import(module, package, version)
+        if diffusers_dist and _dist_version(diffusers_dist) is None:
+            raise _Unmet(f"{module} imports but the {diffusers_dist} distribution is not installed, so diffusers' "
+                         "_flash_3 backend refuses it", version)
+        q, k, v = _qkv("cuda:0")
+        out = mod.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+        return version, f"micro-test passed on cuda:0 ({_compare(out, _ref_attention(q, k, v), 1e-2, module)})"
+
+    return check
+
+
+def _check_sageattn(caps: Capabilities):
+    version = _dist_version("sageattention")
+    _need_gpu(caps, "a CUDA GPU with sm >= 8.0", min_sm=(8, 0), version=version)
+    mod = _import("sageattention", "sageattention", version)
+    if _vtuple(version) < _REQUIRED_SAGE:
+        raise _Unmet(f"sageattention {version} installed; needs >= 2.1.1 (SageAttention2, built from source)",
+                     version)
+    q, k, v = _qkv("cuda:0")
+    out = mod.sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+    return version, f"micro-test passed on cuda:0 ({_compare(out, _ref_attention(q, k, v), 5e-2, 'sageattn')})"
+
+
+def _check_sageattn_3(caps: Capabilities):
+    version = _dist_version("sageattn3", "sageattention3", "sageattention3_blackwell")
+    _need_gpu(caps, "a Blackwell GPU", sms=BLACKWELL_SMS, version=version)
+    if _vtuple(caps.cuda_version) < (12, 8):
+        raise _Unmet(f"needs CUDA >= 12.8; torch is built with CUDA {caps.cuda_version}", version)
+    mod = _import("sageattn3", "sageattn3", version)
+    q, k, v = _qkv("cuda:0")
+    out = mod.sageattn3_blackwell(q, k, v, per_block_mean=False)
+    return version, f"micro-test passed on cuda:0 ({_compare(out, _ref_attention(q, k, v), 0.25, 'sageattn3')})"
+
+
+def _check_scaled_mm(caps: Capabilities):
+    import torch
+
+    version = torch.__version__
+    _need_gpu(caps, "a CUDA GPU with sm >= 8.9", min_sm=(8, 9), version=version)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(32, 32, generator=g).to("cuda:0", torch.float8_e4m3fn)
+    b = torch.randn(32, 32, generator=g).to("cuda:0", torch.float8_e4m3fn).t()  # column-major second operand
+    one = torch.tensor(1.0, device="cuda:0")
+    out = torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    ref = a.float() @ b.float()
+    return version, f"micro-test passed on cuda:0 (e4m3 32x32 tensorwise, {_compare(out, ref, 1e-2, '_scaled_mm')})"
+
+
+def _check_fp8_storage(caps: Capabilities):
+    import torch
+
+    version = torch.__version__
+    if not hasattr(torch, "float8_e4m3fn"):
+        raise _Unmet(f"torch {version} has no float8_e4m3fn dtype", version)
+    dev = _dev(caps)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    w = torch.randn(64, 64, generator=g).to(dev, torch.bfloat16)
+    x = torch.randn(8, 64, generator=g).to(dev, torch.bfloat16)
+    out = x @ w.to(torch.float8_e4m3fn).to(torch.bfloat16).t()
+    ref = x.float() @ w.float().t()
+    return version, f"micro-test passed on {dev} (e4m3 store + bf16 upcast, {_compare(out, ref, 0.08, 'fp8 cast')})"
+
+
+def _tiny_linear(dev: str):
+    import torch
+
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(128, 128, bias=False)).to(dev, torch.bfloat16)
+    x = torch.randn(16, 128, device=dev, dtype=torch.bfloat16)
+    return lin, x, lin(x).float().detach()
+
+
+def _torchao_check(config: str, tol: float, gpu: dict[str, Any] | None):
+    def check(caps: Capabilities):
+        version = _dist_version("torchao")
+        if gpu is not None:
+            _need_gpu(caps, version=version, **gpu)
+        _import("torchao", "torchao", version)
+        if _vtuple(version) < (0, 15):
+            raise _Unmet(f"torchao {version} installed; diffusers 0.42 needs >= 0.15", version)
+        if config == "nvfp4":
+            from torchao.prototype.mx_formats import NVFP4DynamicActivationNVFP4WeightConfig as cfg
+        else:
+            q = importlib.import_module("torchao.quantization")
+            cfg = getattr(q, config)
+        from torchao.quantization import quantize_
+
+        dev = _dev(caps)
+        lin, x, ref = _tiny_linear(dev)
+        if config == "Float8DynamicActivationFloat8WeightConfig":
+            from torchao.quantization import PerRow
+
+            quantize_(lin, cfg(granularity=PerRow()))
+        else:
+            quantize_(lin, cfg())
+        out = lin(x)
+        return version, f"micro-test passed on {dev} (128x128 Linear, {_compare(out, ref, tol, config)})"
+
+    return check
+
+
+def _check_bnb_nf4(caps: Capabilities):
+    import torch
+
+    version = _dist_version("bitsandbytes")
+    _need_gpu(caps, version=version)
+    bnb = _import("bitsandbytes", "bitsandbytes", version)
+    lin, x, ref = _tiny_linear("cpu")
+    q = bnb.nn.Linear4bit(128, 128, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin[0].weight.data.clone(), requires_grad=False, quant_type="nf4")
+    q = q.to("cuda:0")
+    out = q(x.to("cuda:0"))
+    return version, f"micro-test passed on cuda:0 (128x128 Linear4bit, {_compare(out.cpu(), ref, 0.15, 'nf4')})"
+
+
+def _cpu_matmul_check(dtype_name: str):
+    def check(caps: Capabilities):
+        import torch
+
+        dt = getattr(torch, dtype_name)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        a, b = torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g)
+        out = a.to(dt) @ b.to(dt)
+        native = " (native bf16 instructions)" if dtype_name == "bfloat16" and caps.cpu_native_bf16 else ""
+        return torch.__version__, f"micro-test passed{native} ({_compare(out, a @ b, 2e-2, dtype_name)})"
+
+    return check
+
+
+def _import_only(module: str, package: str):
+    def check(caps: Capabilities):
+        version = _dist_version(package)
+        _import(module, package, version)
+        return version, "imports (not micro-tested)"
+
+    return check
+
+
+_CHECKS = {
+    "sdpa_math": _sdpa_check("MATH", cuda_only=False),
+    "sdpa_efficient": _sdpa_check("EFFICIENT_ATTENTION", cuda_only=True, dtypes=("bfloat16", "float32")),
+    "sdpa_flash": _sdpa_check("FLASH_ATTENTION", cuda_only=False),
+    "sdpa_cudnn": _sdpa_check("CUDNN_ATTENTION", cuda_only=True),
+    "flash_attn_2": _check_flash_attn_2,
+    "flash_attn_3": _fa3_check("flash_attn_interface", "flash_attn_3", ("flash_attn_3", "flash-attn-3"), "flash_attn_3"),
+    "fa3_fwd": _fa3_check("fa3_fwd_interface", "fa3-fwd", ("fa3-fwd", "fa3_fwd"), None),
+    "sageattn": _check_sageattn,
+    "sageattn_3": _check_sageattn_3,
+    "scaled_mm_fp8": _check_scaled_mm,
+    "fp8_storage": _check_fp8_storage,
+    "torchao_int8_wo": _torchao_check("Int8WeightOnlyConfig", 2e-2, None),
+    "torchao_fp8_dynamic": _torchao_check("Float8DynamicActivationFloat8WeightConfig", 0.1,
+                                          {"what": "a CUDA GPU with sm >= 8.9", "min_sm": (8, 9)}),
+    "torchao_nvfp4": _torchao_check("nvfp4", 0.3, {"what": "a Blackwell GPU", "sms": BLACKWELL_SMS}),
+    "bnb_nf4": _check_bnb_nf4,
+    "cpu_bf16": _cpu_matmul_check("bfloat16"),
+    "cpu_fp16": _cpu_matmul_check("float16"),
+    "triton": _import_only("triton", "triton"),
+    "gguf": _import_only("gguf", "gguf"),
+}
+assert set(_CHECKS) == set(KERNELS)
+
+
+# ---- simulated machines (tests, `doctor --simulate`) ---------------------------------------------------------------
+_TORCH_BUILTIN_CUDA = {"sdpa_math": True, "sdpa_efficient": True, "sdpa_flash": True, "sdpa_cudnn": True,
+                       "fp8_storage": True, "cpu_bf16": True, "cpu_fp16": True, "triton": True}
+_SOFTWARE = {"python_version": "3.12.3", "torch_version": "2.11.0+cu130", "cuda_version": "13.0",
+             "cudnn_version": "9.13.0", "driver_version": "580.65.06", "host_ram_gib": 125.8,
+             "host_ram_available_gib": 110.0}
+
+
+def _sim(name: str, gpu_name: str | None, cc: tuple[int, int] | None, mem: float | None, extra: dict[str, bool],
+         **software: Any) -> dict[str, Any]:
+    gpus = [] if gpu_name is None else [{"name": gpu_name, "capability": cc, "total_memory_gib": mem,
+                                         "free_memory_gib": round(mem - 0.6, 1)}]
+    kernels = dict(_TORCH_BUILTIN_CUDA) if gpus else {"sdpa_math": True, "sdpa_flash": True, "fp8_storage": True,
+                                                       "cpu_bf16": True, "cpu_fp16": True}
+    kernels.update(extra)
+    base = {**_SOFTWARE, **software}
+    if not gpus:
+        base.update(cuda_version=None, cudnn_version=None, driver_version=None, torch_version="2.11.0+cpu")
+    return {"simulated": name, "gpus": gpus, "kernels": kernels, **base}
+
+
+SIMULATED: dict[str, dict[str, Any]] = {
+    "cpu": _sim("cpu", None, None, None, {}),
+    "h100-bare": _sim("h100-bare", "NVIDIA H100 80GB HBM3", (9, 0), 79.2, {"scaled_mm_fp8": True}),
+    "h100": _sim("h100", "NVIDIA H100 80GB HBM3", (9, 0), 79.2,
+                 {"scaled_mm_fp8": True, "flash_attn_2": True, "flash_attn_3": True, "fa3_fwd": True,
+                  "sageattn": True, "torchao_int8_wo": True, "torchao_fp8_dynamic": True, "bnb_nf4": True,
+                  "gguf": True}),
+    "h100-fa3fwd": _sim("h100-fa3fwd", "NVIDIA H100 80GB HBM3", (9, 0), 79.2,
+                        {"scaled_mm_fp8": True, "fa3_fwd": True, "torchao_int8_wo": True}),
+    "a100": _sim("a100", "NVIDIA A100-SXM4-80GB", (8, 0), 79.2,
+                 {"flash_attn_2": True, "sageattn": True, "torchao_int8_wo": True, "bnb_nf4": True},
+                 cuda_version="12.8"),
+    "rtx5090": _sim("rtx5090", "NVIDIA GeForce RTX 5090", (12, 0), 31.4,
+                    {"scaled_mm_fp8": True, "sageattn": True, "sageattn_3": True, "torchao_int8_wo": True,
+                     "torchao_fp8_dynamic": True, "torchao_nvfp4": True, "bnb_nf4": True}),
+    "b200": _sim("b200", "NVIDIA B200", (10, 0), 178.4,
+                 {"scaled_mm_fp8": True, "torchao_int8_wo": True, "torchao_fp8_dynamic": True}),
+}
+
+
+def simulated(name: str, **overrides: Any) -> Capabilities:
+    """A simulated machine (`SIMULATED` keys); `overrides` replace top-level fields, `kernels=` entries merge."""
+    if name not in SIMULATED:
+        raise KeyError(f"unknown simulated machine {name!r}; choose one of: {', '.join(SIMULATED)}")
+    data = {**SIMULATED[name], "kernels": dict(SIMULATED[name]["kernels"])}
+    data["kernels"].update(overrides.pop("kernels", {}))
+    data.update(overrides)
+    return Capabilities.from_dict(data)
