@@ -332,7 +332,6 @@ def _qkv(device: str, dtype=None):
 
 
 def _ref_attention(q, k, v):
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -565,6 +564,23 @@ _SOFTWARE = {"python_version": "3.12.3", "torch_version": "2.11.0+cu130", "cuda_
              "host_ram_available_gib": 110.0}
 
 
+# hardware gates of the GPU-only checks (as in the checks above), for the reasons of simulated missing entries
+_GATES: dict[str, dict[str, Any]] = {
+    "sdpa_efficient": {}, "sdpa_cudnn": {}, "bnb_nf4": {},
+    "flash_attn_2": {"what": "a CUDA GPU with sm >= 8.0", "min_sm": (8, 0)},
+    "sageattn": {"what": "a CUDA GPU with sm >= 8.0", "min_sm": (8, 0)},
+    "flash_attn_3": {"what": "a Hopper GPU", "sms": ((9, 0),)},
+    "fa3_fwd": {"what": "a Hopper GPU", "sms": ((9, 0),)},
+    "sageattn_3": {"what": "a Blackwell GPU", "sms": BLACKWELL_SMS},
+    "torchao_nvfp4": {"what": "a Blackwell GPU", "sms": BLACKWELL_SMS},
+    "scaled_mm_fp8": {"what": "a CUDA GPU with sm >= 8.9", "min_sm": (8, 9)},
+    "torchao_fp8_dynamic": {"what": "a CUDA GPU with sm >= 8.9", "min_sm": (8, 9)},
+}
+_PACKAGE = {"flash_attn_2": "flash-attn", "flash_attn_3": "flash_attn_3", "fa3_fwd": "fa3-fwd",
+            "sageattn": "sageattention", "sageattn_3": "sageattn3", "torchao_int8_wo": "torchao",
+            "torchao_fp8_dynamic": "torchao", "torchao_nvfp4": "torchao", "bnb_nf4": "bitsandbytes"}
+
+
 def _sim(name: str, gpu_name: str | None, cc: tuple[int, int] | None, mem: float | None, extra: dict[str, bool],
          **software: Any) -> dict[str, Any]:
     gpus = [] if gpu_name is None else [{"name": gpu_name, "capability": cc, "total_memory_gib": mem,
@@ -605,4 +621,15 @@ def simulated(name: str, **overrides: Any) -> Capabilities:
     data = {**SIMULATED[name], "kernels": dict(SIMULATED[name]["kernels"])}
     data["kernels"].update(overrides.pop("kernels", {}))
     data.update(overrides)
-    return Capabilities.from_dict(data)
+    caps = Capabilities.from_dict(data)
+    missing = {}
+    for key in KERNELS:  # entries not listed are missing, with the reason a real probe would give
+        if key in caps.kernels:
+            continue
+        try:
+            if key in _GATES:
+                _need_gpu(caps, **_GATES[key])
+            missing[key] = Kernel(False, f"package {_PACKAGE.get(key, key)} not installed")
+        except _Unmet as err:
+            missing[key] = Kernel(False, err.args[0])
+    return dataclasses.replace(caps, kernels={**caps.kernels, **missing})

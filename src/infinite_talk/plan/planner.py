@@ -1,0 +1,338 @@
+"""Resolve the load options against what this machine can run, before any weights load (OPTIONS.md §4.2-4.3).
+
+`resolve(load_options, caps)` returns a `Plan`: for each option `Resolved(requested, effective, reason)`, plus the
+concrete choices the model code uses (device, dtypes, quantization mode, diffusers attention backend). An explicit
+value that cannot run here raises `OptionError` with one line: `option=value: needs ...; this machine has ...`.
+There is no silent fallback; `auto` picks the fastest *verified* choice and says what it skipped.
+
+Decisions (documented here because they are product behaviour):
+- model/vae precision bf16 and fp16 run on CPU (torch has CPU kernels for both; slow without native bf16/fp16
+  instructions) and are kept as requested: the effective dtype is what runs. bf16 on a GPU below sm_80 is refused
+  (no bf16 tensor cores: emulated and unsupported by the fused attention kernels).
+- quantization=fp8 means fp8 e4m3 weights. It resolves to `fp8-compute` (real fp8 GEMMs via torch._scaled_mm) on
+  CUDA sm >= 8.9 when the _scaled_mm micro-test passed, else to `fp8-storage` (weights stored in fp8, upcast to the
+  compute dtype per layer: memory only). The plan says which, and why.
+- attention=auto never picks 8-bit/4-bit attention (sageattn, sageattn_3): their quality is not yet checked on the
+  golden clip (OPTIONS §2.6), so they run only when requested. Orders (fastest first, PERFORMANCE.md §3/§8):
+  Hopper: flash_attn_3 > sdpa-cudnn > sdpa-flash > flash_attn_2 > sdpa-efficient > sdpa-math;
+  Blackwell (no FA3 there): sdpa-cudnn > sdpa-flash > flash_attn_2 > ...;
+  Ampere/Ada: sdpa-flash > flash_attn_2 > sdpa-cudnn > ... (inferred: cuDNN attention is only measured on Hopper).
+- fp32 compute on CUDA uses SDPA's efficient kernel (cuDNN/flash/FA/Sage have no fp32 path), else math.
+- On CPU, attention is SDPA backend "native": torch picks its CPU kernel (flash-CPU, else math).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import OptionError
+from ..options import LoadOptions
+from .probe import BLACKWELL_SMS, Capabilities
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+# attention kernel id -> (diffusers dispatcher backend name, provider)
+ATTENTION_BACKENDS: dict[str, tuple[str, str]] = {
+    "sdpa-cudnn": ("_native_cudnn", "diffusers"),
+    "sdpa-flash": ("_native_flash", "diffusers"),
+    "sdpa-efficient": ("_native_efficient", "diffusers"),
+    "sdpa-math": ("_native_math", "diffusers"),
+    "sdpa-native": ("native", "diffusers"),
+    "flash_attn_2": ("flash", "diffusers"),
+    "flash_attn_3": ("_flash_3", "diffusers"),
+    "fa3_fwd": ("fa3_fwd", "infinite_talk"),  # our processor around fa3_fwd_interface.flash_attn_func
+    "sageattn": ("sage", "diffusers"),
+    "sageattn_3": ("sageattn3", "infinite_talk"),  # our processor around sageattn3.sageattn3_blackwell
+}
+# attention kernel id -> probe entry proving it runs
+_PROBE_KEY = {"sdpa-cudnn": "sdpa_cudnn", "sdpa-flash": "sdpa_flash", "sdpa-efficient": "sdpa_efficient",
+              "sdpa-math": "sdpa_math", "flash_attn_2": "flash_attn_2", "flash_attn_3": "flash_attn_3",
+              "fa3_fwd": "fa3_fwd", "sageattn": "sageattn", "sageattn_3": "sageattn_3"}
+
+NEEDS = {
+    "flash_attn_2": "a CUDA GPU with sm >= 8.0, bf16/fp16 compute and flash-attn >= 2.6.3",
+    "flash_attn_3": "a Hopper GPU (sm_90), bf16/fp16 compute and FlashAttention-3 (flash_attn_3 built from "
+                    "hopper/, or the fa3-fwd wheel)",
+    "sageattn": "a CUDA GPU with sm >= 8.0, bf16/fp16 compute and sageattention >= 2.1.1 (SageAttention2)",
+    "sageattn_3": "a Blackwell GPU (sm_100/sm_120/sm_121), CUDA >= 12.8 and the sageattn3 package",
+    "nf4": "a CUDA GPU and bitsandbytes (NF4 4-bit weights)",
+    "fp4": "a Blackwell GPU (sm_100/sm_120/sm_121) with torchao NVFP4 kernels and model_precision bf16",
+    "int8": "torchao >= 0.15 (int8 weight-only)",
+}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    requested: str
+    effective: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What will run. `attention_backend` goes to `model.set_attention_backend()` when `attention_provider` is
+    "diffusers"; for "infinite_talk" it names our own attention processor."""
+
+    device: str  # "cpu" | "cuda:N"
+    model_dtype: str  # torch dtype name: "bfloat16" | "float16" | "float32"
+    vae_dtype: str
+    quantization: str  # "disabled" | "fp8-compute" | "fp8-storage" | "int8-weight-only" | "nf4" | "nvfp4"
+    attention_kernel: str  # key of ATTENTION_BACKENDS
+    attention_backend: str
+    attention_provider: str  # "diffusers" | "infinite_talk"
+    options: dict[str, Resolved] = field(default_factory=dict)
+    machine: str = ""
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.model_dtype)
+
+    @property
+    def vae_torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.vae_dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["options"] = {k: v.to_dict() for k, v in self.options.items()}
+        return d
+
+    def lines(self) -> list[str]:
+        """`option: requested → effective (reason)`, one per option."""
+        return [f"{name}: {r.requested} → {r.effective} ({r.reason})" for name, r in self.options.items()]
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+def _refuse(option: str, value: str, needs: str, have: str) -> OptionError:
+    return OptionError(f"{option}={value}: needs {needs}; this machine has {have}")
+
+
+def _have(caps: Capabilities, device: str, probe_key: str | None = None) -> str:
+    """What this machine/run offers, plus the probe's reason for `probe_key` when the GPU itself is not the issue."""
+    text = caps.summary()
+    if device == "cpu" and caps.gpu:
+        text += ", but this run uses device=cpu"
+    if probe_key:
+        k = caps.kernel(probe_key)
+        if not k.available and not k.reason.startswith("needs "):
+            text += f"; {probe_key}: {k.reason}"
+    return text
+
+
+def _sm(caps: Capabilities, device: str) -> tuple[int, int] | None:
+    return caps.gpu.capability if device != "cpu" and caps.gpu else None
+
+
+def _ok(caps: Capabilities, key: str) -> bool:
+    return caps.kernel(key).available
+
+
+# ---- per option ------------------------------------------------------------------------------------------------
+def _resolve_device(requested: str, caps: Capabilities) -> Resolved:
+    if requested == "auto":
+        if caps.gpu:
+            return Resolved("auto", "cuda:0", f"CUDA GPU present: {caps.summary()}")
+        return Resolved("auto", "cpu", "no CUDA GPU found")
+    if requested == "cpu":
+        return Resolved("cpu", "cpu", "requested")
+    m = re.fullmatch(r"cuda(?::(\d+))?", requested)
+    if not m:
+        raise OptionError(f"device={requested}: unknown device; choose auto, cpu, cuda or cuda:N")
+    index = int(m.group(1) or 0)
+    if index >= caps.gpu_count:
+        have = caps.summary() if caps.gpu_count else "no CUDA GPU (CPU only)"
+        if caps.gpu_count:
+            have = f"{caps.gpu_count} CUDA GPU(s) (cuda:0..cuda:{caps.gpu_count - 1}): {have}"
+        raise _refuse("device", requested, f"CUDA GPU index {index}", have)
+    gpu, probed = caps.gpus[index], caps.gpu
+    if (gpu.name, gpu.capability) != (probed.name, probed.capability):
+        raise OptionError(f"device={requested}: kernels were probed on cuda:{caps.probed_gpu} ({probed.name}, "
+                          f"{probed.sm}) but cuda:{index} is {gpu.name} ({gpu.sm}); run with "
+                          f"CUDA_VISIBLE_DEVICES={index} so the probe tests that GPU")
+    return Resolved(requested, f"cuda:{index}", f"{gpu.name} ({gpu.sm})")
+
+
+def _resolve_precision(option: str, requested: str, caps: Capabilities, device: str) -> Resolved:
+    sm = _sm(caps, device)
+    if sm is None:  # CPU
+        key = {"bf16": "cpu_bf16", "fp16": "cpu_fp16"}.get(requested)
+        if key and not _ok(caps, key):
+            raise _refuse(option, requested, f"torch {requested} CPU kernels", f"{_have(caps, device)}; "
+                          f"{key}: {caps.kernel(key).reason}")
+        reason = {
+            "fp32": "fp32 on CPU",
+            "bf16": "bf16 runs on CPU in torch" + (", with native bf16 instructions" if caps.cpu_native_bf16
+                                                   else "; slow: this CPU has no native bf16 instructions"),
+            "fp16": "fp16 runs on CPU in torch; slow: few CPU fp16 kernels",
+        }[requested]
+        return Resolved(requested, requested, reason)
+    if requested == "bf16" and sm < (8, 0):
+        raise _refuse(option, "bf16", "a GPU with sm >= 8.0 (Ampere or newer) for bf16 kernels; use fp16 or fp32",
+                      _have(caps, device))
+    return Resolved(requested, requested, f"{requested} on {device}, {caps.gpu.sm}")
+
+
+def _resolve_quantization(requested: str, caps: Capabilities, device: str, precision: str) -> Resolved:
+    sm = _sm(caps, device)
+    if requested == "disabled":
+        return Resolved("disabled", "disabled", f"transformer weights in {precision}")
+    if requested == "fp8":
+        if not _ok(caps, "fp8_storage"):
+            raise _refuse("quantization", "fp8", "torch float8_e4m3fn support",
+                          _have(caps, device, "fp8_storage"))
+        storage = f"fp8 e4m3 weights upcast to {precision} per layer: weight storage only, saves memory, not time"
+        if sm is None:
+            return Resolved("fp8", "fp8-storage", f"{storage}; no fp8 matmuls on CPU")
+        if sm < (8, 9):
+            return Resolved("fp8", "fp8-storage",
+                            f"{storage}; fp8 matmuls need sm >= 8.9 and this GPU is {caps.gpu.sm}")
+        if not _ok(caps, "scaled_mm_fp8"):
+            return Resolved("fp8", "fp8-storage",
+                            f"{storage}; torch._scaled_mm unavailable: {caps.kernel('scaled_mm_fp8').reason}")
+        return Resolved("fp8", "fp8-compute",
+                        f"fp8 e4m3 weights and real fp8 matmuls (torch._scaled_mm) on {caps.gpu.sm}")
+    if requested == "int8":
+        if not _ok(caps, "torchao_int8_wo"):
+            raise _refuse("quantization", "int8", NEEDS["int8"], _have(caps, device, "torchao_int8_wo"))
+        return Resolved("int8", "int8-weight-only",
+                        "torchao int8 weight-only, Int8WeightOnlyConfig: saves memory, not time")
+    if requested == "nf4":
+        if sm is None or not _ok(caps, "bnb_nf4"):
+            raise _refuse("quantization", "nf4", NEEDS["nf4"], _have(caps, device, "bnb_nf4" if sm else None))
+        return Resolved("nf4", "nf4", f"bitsandbytes NF4 weights, compute in {precision}: saves memory, not time")
+    if requested == "fp4":
+        if sm is None or sm not in BLACKWELL_SMS or not _ok(caps, "torchao_nvfp4"):
+            raise _refuse("quantization", "fp4", NEEDS["fp4"],
+                          _have(caps, device, "torchao_nvfp4" if sm in BLACKWELL_SMS else None))
+        if precision != "bf16":
+            raise OptionError(f"quantization=fp4: needs model_precision bf16 (NVFP4 quantizes bf16 weights); "
+                              f"model_precision is {precision}")
+        return Resolved("fp4", "nvfp4", f"torchao NVFP4 weights and activations on {caps.gpu.sm}")
+    raise OptionError(f"quantization: unknown value {requested!r}")
+
+
+def _attention_order(sm: tuple[int, int]) -> list[str]:
+    if sm == (9, 0):
+        return ["flash_attn_3", "fa3_fwd", "sdpa-cudnn", "sdpa-flash", "flash_attn_2", "sdpa-efficient", "sdpa-math"]
+    if sm >= (9, 0):
+        return ["sdpa-cudnn", "sdpa-flash", "flash_attn_2", "sdpa-efficient", "sdpa-math"]
+    if sm >= (8, 0):
+        return ["sdpa-flash", "flash_attn_2", "sdpa-cudnn", "sdpa-efficient", "sdpa-math"]
+    return ["sdpa-efficient", "sdpa-math"]
+
+
+def _first_verified(candidates: list[str], caps: Capabilities) -> tuple[str | None, list[str]]:
+    skipped = []
+    for kernel in candidates:
+        k = caps.kernel(_PROBE_KEY[kernel])
+        if k.available:
+            return kernel, skipped
+        skipped.append(f"{kernel}: {k.reason}")
+    return None, skipped
+
+
+def _resolve_attention(requested: str, caps: Capabilities, device: str, precision: str) -> tuple[Resolved, str]:
+    """Returns (Resolved with the option-level effective value, kernel id)."""
+    sm = _sm(caps, device)
+    if sm is None:  # CPU: torch SDPA picks its CPU kernel
+        if requested in ("auto", "sdpa"):
+            if not (_ok(caps, "sdpa_math") or _ok(caps, "sdpa_flash")):
+                raise _refuse("attention", requested, "a working torch SDPA",
+                              f"{_have(caps, device)}; sdpa_math: {caps.kernel('sdpa_math').reason}")
+            return Resolved(requested, "sdpa-native",
+                            "torch SDPA on CPU, diffusers backend 'native': torch picks its CPU flash kernel, "
+                            "else math"), "sdpa-native"
+
+    fp32 = precision == "fp32"
+    if requested in ("auto", "sdpa"):
+        if fp32:
+            order = ["sdpa-efficient", "sdpa-math"]
+            why = "fp32 compute: cuDNN/flash kernels have no fp32 path"
+        else:
+            order = _attention_order(sm)
+            if requested == "sdpa":
+                order = [k for k in order if k.startswith("sdpa-")]
+            why = f"fastest verified on {caps.gpu.sm} {precision}"
+            if requested == "auto":
+                why += "; sageattn/sageattn_3 only when requested (8/4-bit quality not yet checked)"
+        kernel, skipped = _first_verified(order, caps)
+        if kernel is None:
+            raise _refuse("attention", requested, "a working torch SDPA kernel",
+                          f"{_have(caps, device)}; " + "; ".join(skipped))
+        effective = "flash_attn_3" if kernel == "fa3_fwd" else kernel
+        reason = f"{_describe(kernel)}; {why}"
+        if skipped:
+            reason += "; skipped " + "; ".join(skipped)
+        return Resolved(requested, effective, reason), kernel
+
+    # explicit external kernels: hardware, then dtype, then the probe (package + micro-test)
+    if not _hw_ok(requested, sm):
+        raise _refuse("attention", requested, NEEDS[requested], _have(caps, device))
+    if fp32:
+        raise OptionError(f"attention={requested}: needs model_precision bf16 or fp16 (the kernel has no fp32 "
+                          "path); model_precision is fp32")
+    candidates = ["flash_attn_3", "fa3_fwd"] if requested == "flash_attn_3" else [_PROBE_KEY[requested]]
+    for kernel in candidates:
+        if _ok(caps, kernel):
+            return Resolved(requested, requested, _describe(kernel)), kernel
+    have = _have(caps, device) + "".join(f"; {c}: {caps.kernel(c).reason}" for c in candidates)
+    raise _refuse("attention", requested, NEEDS[requested], have)
+
+
+def _hw_ok(requested: str, sm: tuple[int, int] | None) -> bool:
+    if sm is None:
+        return False
+    return {"flash_attn_2": sm >= (8, 0), "flash_attn_3": sm == (9, 0), "sageattn": sm >= (8, 0),
+            "sageattn_3": sm in BLACKWELL_SMS}[requested]
+
+
+def _describe(kernel: str) -> str:
+    backend, provider = ATTENTION_BACKENDS[kernel]
+    where = f"diffusers backend '{backend}'" if provider == "diffusers" else f"our '{backend}' processor"
+    text = {
+        "sdpa-cudnn": "torch SDPA cuDNN kernel",
+        "sdpa-flash": "torch SDPA flash kernel",
+        "sdpa-efficient": "torch SDPA memory-efficient kernel",
+        "sdpa-math": "torch SDPA math kernel",
+        "flash_attn_2": "FlashAttention-2 (flash-attn)",
+        "flash_attn_3": "FlashAttention-3 (flash_attn_interface)",
+        "fa3_fwd": "FlashAttention-3 forward (fa3-fwd wheel, fa3_fwd_interface)",
+        "sageattn": "SageAttention2 (int8 QK, fp8/fp16 PV)",
+        "sageattn_3": "SageAttention3 (FP4 microscaling)",
+    }[kernel]
+    return f"{text}, {where}"
+
+
+# ---- entry point -------------------------------------------------------------------------------------------------
+def resolve(load_options: LoadOptions, caps: Capabilities) -> Plan:
+    """Map every LoadOptions choice to what will run here, or raise `OptionError` naming the option and the reason.
+    Call before loading any weights."""
+    load_options.validate()
+    dev = _resolve_device(load_options.device, caps)
+    device = dev.effective
+    model = _resolve_precision("model_precision", load_options.model_precision, caps, device)
+    vae = _resolve_precision("vae_precision", load_options.vae_precision, caps, device)
+    quant = _resolve_quantization(load_options.quantization, caps, device, model.effective)
+    attn, kernel = _resolve_attention(load_options.attention, caps, device, model.effective)
+    backend, provider = ATTENTION_BACKENDS[kernel]
+    return Plan(
+        device=device,
+        model_dtype=DTYPES[model.effective],
+        vae_dtype=DTYPES[vae.effective],
+        quantization=quant.effective,
+        attention_kernel=kernel,
+        attention_backend=backend,
+        attention_provider=provider,
+        options={"device": dev, "model_precision": model, "vae_precision": vae, "quantization": quant,
+                 "attention": attn},
+        machine=caps.summary(),
+    )
