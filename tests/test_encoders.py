@@ -127,7 +127,7 @@ def test_wav2vec_unconfirmed_provenance_is_reported(files):
     real_named = dataclasses.replace(G, name="14b")
     enc = load_audio_encoder(files["wav2vec"], real_named)
     assert enc.provenance.startswith("unconfirmed")
-    assert "cannot" not in enc.warning and "any wav2vec2-base pre-training checkpoint has the same shapes" in enc.warning
+    assert "any wav2vec2-base pre-training checkpoint has the same shapes" in enc.warning
     assert str(files["wav2vec"]) in enc.warning
 
 

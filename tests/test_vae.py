@@ -12,8 +12,12 @@ from safetensors.torch import save_file
 from infinite_talk.errors import CheckpointError, InputError
 from infinite_talk.models.configs import GEOMETRY_TINY as G
 from infinite_talk.models.configs import VaeConfig
-from infinite_talk.models.vae import (WAN21_LATENT_MEAN, WAN21_LATENT_STD, convert_wan_vae_original_to_diffusers,
-                                      load_vae)
+from infinite_talk.models.vae import (
+    WAN21_LATENT_MEAN,
+    WAN21_LATENT_STD,
+    convert_wan_vae_original_to_diffusers,
+    load_vae,
+)
 from infinite_talk.presets import tiny_encoders as tiny
 
 
