@@ -516,8 +516,8 @@ def _cpu_matmul_check(dtype_name: str):
         g = torch.Generator(device="cpu").manual_seed(0)
         a, b = torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g)
         out = a.to(dt) @ b.to(dt)
-        native = " (native bf16 instructions)" if dtype_name == "bfloat16" and caps.cpu_native_bf16 else ""
-        return torch.__version__, f"micro-test passed{native} ({_compare(out, a @ b, 2e-2, dtype_name)})"
+        native = "; native bf16 instructions" if dtype_name == "bfloat16" and caps.cpu_native_bf16 else ""
+        return torch.__version__, f"micro-test passed on cpu ({_compare(out, a @ b, 2e-2, dtype_name)}{native})"
 
     return check
 
