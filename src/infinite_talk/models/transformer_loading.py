@@ -222,19 +222,23 @@ def _keeps_fp32(name: str) -> bool:
     return any(m in parts for m in singles) or name.startswith("audio_proj.norm.")
 
 
-def resolve_transformer_files(transformer: str | Path, adapter: str | Path | None = None) -> list[Path]:
-    """The weight files to read, in order (later files win on duplicate keys, as in the reference)."""
-    transformer = Path(transformer)
-    if transformer.is_dir() and (transformer / "transformer").is_dir():
-        transformer = transformer / "transformer"  # a diffusers pipeline folder
-    files = weight_files(transformer)
+def resolve_transformer_files(transformer, adapter: str | Path | None = None) -> list[Path]:
+    """The weight files to read, in order (later files win on duplicate keys, as in the reference).
+
+    `transformer` is a file, a folder of shards, a diffusers pipeline folder, or a list of files."""
+    files: list[Path] = []
+    for entry in transformer if isinstance(transformer, list | tuple) else [transformer]:
+        entry = Path(entry)
+        if entry.is_dir() and (entry / "transformer").is_dir():
+            entry = entry / "transformer"  # a diffusers pipeline folder
+        files += weight_files(entry)
     if adapter is not None:
         files += weight_files(adapter)
     return files
 
 
 def load_transformer(
-    transformer: str | Path,
+    transformer: str | Path | list,
     adapter: str | Path | None,
     geometry: Geometry,
     dtype: torch.dtype = torch.bfloat16,

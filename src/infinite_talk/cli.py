@@ -1,0 +1,194 @@
+"""`infinite-talk` command line: generate, doctor (and ui / serve when installed).
+
+Flags are built from the one options schema (`options.py`), so the CLI offers exactly what the UI and API offer.
+Every user-fixable failure prints one clear `error:` line and exits non-zero; no tracebacks unless --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import get_type_hints
+
+from .errors import InfiniteTalkError, InputError
+from .options import GenerateOptions, LoadOptions
+
+_CLI_NAMES = {"t5_tokenizer": "t5-tokenizer"}
+
+
+def _flag(name: str) -> str:
+    return "--" + _CLI_NAMES.get(name, name.replace("_", "-"))
+
+
+def _add_schema(parser: argparse.ArgumentParser, cls, skip: set[str] = frozenset()) -> None:
+    hints = get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        meta = dict(f.metadata)
+        kind = hints[f.name]
+        help_text = meta.get("help", "")
+        choices = [c for c in (meta.get("choices") or ()) if c is not None] or None
+        if f.name == "bbox":
+            group.add_argument(_flag(f.name), dest=f.name, type=int, nargs=4, action="append",
+                               metavar=("ROW_MIN", "COL_MIN", "ROW_MAX", "COL_MAX"),
+                               help=help_text + " (repeat once per speaker)")
+            continue
+        if kind in (bool,) or str(kind) == "bool":
+            group.add_argument(_flag(f.name), dest=f.name, action="store_true", help=help_text)
+            continue
+        text = str(kind)
+        caster = int if "int" in text and "float" not in text else float if "float" in text else str
+        if choices and all(isinstance(c, int) for c in choices):
+            caster = int
+        group.add_argument(_flag(f.name), dest=f.name, type=caster, choices=choices, default=None,
+                           help=f"{help_text} (default: {f.default})" if f.default is not None else help_text)
+
+
+def _build(cls, ns: argparse.Namespace, base: dict | None = None):
+    values = dict(base or {})
+    for f in dataclasses.fields(cls):
+        value = getattr(ns, f.name, None)
+        if value is not None and value is not False:
+            values[f.name] = value
+    return cls(**values).validate()
+
+
+def _resolve_path(value: str, json_dir: Path) -> str:
+    p = Path(value)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    return str(json_dir / p)
+
+
+def from_reference_json(path: str) -> dict:
+    """The reference's input JSON (prompt, cond_video, cond_audio{person1,person2}, audio_type, bbox)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot read the input JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: the input JSON must be an object with prompt, cond_video and cond_audio")
+    base = Path(path).resolve().parent
+    audio = data.get("cond_audio") or {}
+    if not isinstance(audio, dict) or not audio:
+        raise InputError(f"{path}: cond_audio must name at least person1's audio file")
+    if len(audio) > 2:
+        raise InputError(f"{path}: {len(audio)} speakers given; InfiniteTalk supports one or two speakers")
+    if "cond_video" not in data:
+        raise InputError(f"{path}: cond_video (the reference image or video) is missing")
+    from .media.frames import FrameSource
+
+    reference = _resolve_path(data["cond_video"], base)
+    values: dict = {"prompt": data.get("prompt") or GenerateOptions.prompt}
+    values["video" if FrameSource(reference).is_video else "image"] = reference
+    persons = [audio[k] for k in sorted(audio)]
+    values["audio"] = _resolve_path(persons[0], base)
+    if len(persons) == 2:
+        values["audio2"] = _resolve_path(persons[1], base)
+        values["audio_mode"] = data.get("audio_type", "para")
+    if data.get("bbox"):
+        values["bbox"] = [data["bbox"][k] for k in sorted(data["bbox"])]
+    return values
+
+
+def _progress_printer():
+    last = {"t": 0.0}
+
+    def show(info: dict) -> None:
+        now = time.monotonic()
+        final = info["chunk"] == info["chunks"] and info["step"] == info["steps"]
+        if now - last["t"] < 0.5 and not final:
+            return
+        last["t"] = now
+        print(f"chunk {info['chunk']}/{info['chunks']} · step {info['step']}/{info['steps']} · "
+              f"{info['passes']} passes · elapsed {info['elapsed_s']:.1f}s · ETA {info['eta_s']:.1f}s",
+              file=sys.stderr, flush=True)
+
+    return show
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from .pipeline import InfiniteTalkPipeline
+
+    base = from_reference_json(ns.input_json) if ns.input_json else {}
+    load = _build(LoadOptions, ns)
+    request = _build(GenerateOptions, ns, base)
+    pipe = InfiniteTalkPipeline()
+    if ns.dry_run:
+        print(json.dumps(pipe.plan_request(request), indent=2))
+        return 0
+    plan = pipe.load_models(load, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print("plan:", file=sys.stderr)
+    for line in plan.get("lines", []):
+        print("  " + line, file=sys.stderr)
+    for note in plan.get("notes", []):
+        print("note: " + note, file=sys.stderr)
+    result = pipe.generate(request, progress=_progress_printer())
+    eff = result.sidecar["effective"]
+    print(f"wrote {result.video_path} ({result.frames} frames, {result.duration_s:.2f} s, seed {result.seed}, "
+          f"{eff['scheduler']} {eff['steps']} steps × {eff['passes_per_step']} passes) and {result.sidecar_path}")
+    return 0
+
+
+def cmd_doctor(ns: argparse.Namespace) -> int:
+    from .plan.doctor import doctor_report
+    from .plan.probe import probe
+
+    print(doctor_report(probe()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infinite-talk", description="Lip-synced talking video of any length.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="make a talking video")
+    gen.add_argument("--input-json", help="the reference's input JSON (prompt, cond_video, cond_audio, ...)")
+    gen.add_argument("--dry-run", action="store_true", help="print the plan for the request and exit")
+    _add_schema(gen, LoadOptions)
+    _add_schema(gen, GenerateOptions)
+    gen.set_defaults(func=cmd_generate)
+    doc = sub.add_parser("doctor", help="what this machine can run, with the reason for everything it cannot")
+    doc.set_defaults(func=cmd_doctor)
+    try:
+        from .ui.app import add_cli as add_ui
+    except ImportError:
+        add_ui = None
+    if add_ui is not None:
+        add_ui(sub)
+    try:
+        from .service.app import add_cli as add_serve
+    except ImportError:
+        add_serve = None
+    if add_serve is not None:
+        add_serve(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except InfiniteTalkError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished chunks are kept in the output file", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if ns.debug:
+            raise
+        print(f"internal error: {type(err).__name__}: {err} (run with --debug for details and report it)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

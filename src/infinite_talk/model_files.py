@@ -1,0 +1,168 @@
+"""Where the model files come from: the tiny preset, explicit paths, a models folder (found by content) or the hub.
+
+Files in a models folder are classified by their tensor names (FORMATS.md §0), never by file name. Explicit paths
+in `LoadOptions` always win. Without a folder or paths, the released repositories are fetched from the Hugging Face
+hub through huggingface_hub (standard cache, resumable downloads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import CheckpointError
+from .models.checkpoint_io import common_prefix, tensor_infos
+from .models.configs import GEOMETRY_14B, GEOMETRY_TINY, Geometry
+from .options import LoadOptions
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+HUB_REPOS = {
+    "wan": "Wan-AI/Wan2.1-I2V-14B-480P",
+    "infinitetalk": "MeiGen-AI/InfiniteTalk",
+    "wav2vec": "TencentGameMate/chinese-wav2vec2-base",
+}
+
+
+@dataclass
+class ModelFiles:
+    transformer: list[str]
+    adapter: str | None
+    vae: str
+    t5: str
+    t5_tokenizer: str
+    clip: str
+    wav2vec: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def classify(path: Path) -> str | None:
+    """'dit', 'adapter', 'vae', 't5', 'clip', 'wav2vec' or None, from the tensor names alone."""
+    try:
+        keys = set(tensor_infos(path))
+    except CheckpointError:
+        return None
+    prefix = common_prefix(keys)
+    keys = {k[len(prefix):] for k in keys}
+    has_base = "patch_embedding.weight" in keys or any(k.startswith("condition_embedder.") for k in keys)
+    has_adapter = any(k.startswith(("audio_proj.", "multitalk_audio_proj.")) for k in keys)
+    if has_base:
+        return "dit"
+    if has_adapter or any(".audio_cross_attn." in k for k in keys):
+        return "adapter"
+    if any(k.startswith("blocks.") and (".self_attn." in k or ".attn1." in k) for k in keys):
+        return "dit"  # a shard of the base without the embeddings
+    if ("conv2.weight" in keys and "decoder.conv1.weight" in keys) or "quant_conv.weight" in keys:
+        return "vae"
+    if "token_embedding.weight" in keys or "shared.weight" in keys or "encoder.block.0.layer.0.SelfAttention.q.weight" in keys:
+        return "t5"
+    if any(k.startswith(("visual.transformer.", "vision_model.")) for k in keys):
+        return "clip"
+    if any("feature_extractor.conv_layers.0.conv.weight" in k for k in keys):
+        return "wav2vec"
+    return None
+
+
+def _is_t5_tokenizer_dir(folder: Path) -> bool:
+    """A tokenizer folder whose config names a T5 tokenizer (umT5), not e.g. the XLM-R one of CLIP."""
+    import json
+
+    config = folder / "tokenizer_config.json"
+    if not ((folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file()) or not config.is_file():
+        return False
+    try:
+        return "T5" in str(json.loads(config.read_text()).get("tokenizer_class", ""))
+    except (OSError, ValueError):
+        return False
+
+
+def discover(models_dir: str | Path) -> dict[str, list[Path]]:
+    """All model files under a folder, grouped by component (found by content)."""
+    root = Path(models_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: --models-dir is not a folder")
+    found: dict[str, list[Path]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+            kind = classify(path)
+            if kind:
+                found.setdefault(kind, []).append(path)
+        elif path.is_dir() and _is_t5_tokenizer_dir(path):
+            found.setdefault("t5_tokenizer", []).append(path)
+    return found
+
+
+def _one(found: dict[str, list[Path]], kind: str, label: str, option: str, root: Path) -> Path:
+    paths = found.get(kind, [])
+    if not paths:
+        raise CheckpointError(f"{root}: no {label} found in the models folder; add it or pass {option} PATH")
+    if len(paths) > 1:
+        shown = ", ".join(str(p) for p in paths[:4])
+        raise CheckpointError(f"{root}: several {label} files found ({shown}); choose one with {option} PATH")
+    return paths[0]
+
+
+def _wav2vec_location(path: Path) -> Path:
+    """An HF folder (config.json beside the weights) is passed as the folder."""
+    return path.parent if (path.parent / "config.json").is_file() else path
+
+
+def files_from_folder(options: LoadOptions) -> ModelFiles:
+    root = Path(options.models_dir)
+    found = discover(root)
+    dit = [Path(options.transformer)] if options.transformer else found.get("dit", [])
+    if not dit:
+        raise CheckpointError(f"{root}: no Wan2.1-I2V-14B transformer found; add it or pass --transformer PATH")
+    adapter = options.adapter or (str(_one(found, "adapter", "InfiniteTalk adapter", "--adapter", root))
+                                  if found.get("adapter") else None)
+    tokenizer = options.t5_tokenizer or str(_one(found, "t5_tokenizer", "umT5 tokenizer folder", "--t5-tokenizer",
+                                                 root))
+    return ModelFiles(
+        transformer=[str(p) for p in dit],
+        adapter=adapter,
+        vae=options.vae or str(_one(found, "vae", "Wan VAE", "--vae", root)),
+        t5=options.t5 or str(_one(found, "t5", "umT5 encoder", "--t5", root)),
+        t5_tokenizer=tokenizer,
+        clip=options.clip or str(_one(found, "clip", "CLIP ViT-H/14", "--clip", root)),
+        wav2vec=options.wav2vec or str(_wav2vec_location(_one(found, "wav2vec", "wav2vec2 encoder", "--wav2vec",
+                                                               root))),
+    )
+
+
+def files_from_hub(say: Callable[[str], None]) -> Path:
+    """Download the released repositories into the standard hub cache; returns a folder to discover in."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise CheckpointError("huggingface_hub is not installed; pass --models-dir instead") from err
+    import tempfile
+
+    links = Path(tempfile.mkdtemp(prefix="infinite_talk_hub_"))
+    patterns = {"wan": None, "infinitetalk": ["single/infinitetalk.safetensors"], "wav2vec": None}
+    for name, repo in HUB_REPOS.items():
+        say(f"downloading {repo} (resumable; cached under the Hugging Face hub cache)")
+        try:
+            local = snapshot_download(repo, allow_patterns=patterns[name])
+        except Exception as err:
+            raise CheckpointError(
+                f"cannot download {repo} from the Hugging Face hub ({type(err).__name__}: {err}); check the network "
+                "or download the files yourself and pass --models-dir DIR"
+            ) from err
+        (links / name).symlink_to(local, target_is_directory=True)
+    return links
+
+
+def resolve_model_files(options: LoadOptions, say: Callable[[str], None]) -> tuple[ModelFiles, Geometry]:
+    if options.preset == "tiny":
+        from .presets.tiny import ensure_tiny_models
+
+        return ensure_tiny_models(), GEOMETRY_TINY
+    explicit = [options.transformer, options.vae, options.t5, options.t5_tokenizer, options.clip, options.wav2vec]
+    if all(explicit):
+        return ModelFiles([options.transformer], options.adapter, options.vae, options.t5, options.t5_tokenizer,
+                          options.clip, options.wav2vec), GEOMETRY_14B
+    if options.models_dir is None:
+        options = LoadOptions(**{**asdict(options), "models_dir": str(files_from_hub(say))})
+    return files_from_folder(options), GEOMETRY_14B
