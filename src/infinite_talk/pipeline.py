@@ -199,7 +199,7 @@ class InfiniteTalkPipeline:
         t = time.monotonic()
         source = FrameSource(request.image or request.video)
         first = source.first_frame()
-        target = bucket_for(first.size[1], first.size[0], request.size)
+        target = self.geometry.frame_size(bucket_for(first.size[1], first.size[0], request.size))
         reference = resize_and_centercrop(first, target)
         tracks, soundtrack = self._audio_tracks(request)
         persons = len(tracks)
@@ -281,6 +281,7 @@ class InfiniteTalkPipeline:
             **plan_info,
             "steps": plan_info["steps"],
             "scheduler": plan_info["scheduler"]["name"],
+            "scheduler_plan": plan_info["scheduler"],
             "seed": seed,
             "speakers": persons,
             "resolution": list(target),

@@ -7,6 +7,8 @@ blended with the input by `strength` (0 = untouched, 1 = fully corrected).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from skimage.color import lab2rgb, rgb2lab
@@ -57,7 +59,9 @@ def color_correct(video: torch.Tensor, reference: torch.Tensor | ColorMatcher, s
     ref_sd = matcher.std.reshape(1, 1, 1, 3)
     flat = sd == 0
     matched = np.where(flat, ref_mu, (lab - mu) * (ref_sd / np.where(flat, 1.0, sd)) + ref_mu)
-    corrected = np.clip(lab2rgb(matched), 0.0, 1.0)
+    with warnings.catch_warnings():  # out-of-gamut Lab values are clipped below, as the reference does
+        warnings.simplefilter("ignore", UserWarning)
+        corrected = np.clip(lab2rgb(matched), 0.0, 1.0)
     out = (1.0 - strength) * src + strength * corrected
     result = torch.from_numpy(out * 2.0 - 1.0).permute(3, 0, 1, 2).to(video.dtype)
     return result[None] if video.ndim == 5 else result

@@ -89,6 +89,14 @@ class Geometry:
     clip: ClipConfig = field(default_factory=ClipConfig)
     wav2vec: Wav2VecConfig = field(default_factory=Wav2VecConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
+    # Frame sizes are the 480/720 buckets times this factor (rounded to multiples of 16). 1 for the real models;
+    # the tiny preset shrinks frames so the whole pipeline runs on a CPU in seconds (its video is noise anyway).
+    pixel_scale: float = 1.0
+
+    def frame_size(self, bucket: tuple[int, int]) -> tuple[int, int]:
+        if self.pixel_scale == 1.0:
+            return bucket
+        return tuple(max(16, int(round(side * self.pixel_scale / 16)) * 16) for side in bucket)
 
 
 GEOMETRY_14B = Geometry("14b")
@@ -104,6 +112,7 @@ GEOMETRY_TINY = Geometry(
     wav2vec=Wav2VecConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                           conv_dim=32),
     vae=VaeConfig(dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=2),
+    pixel_scale=0.125,
 )
 
 GEOMETRIES = {g.name: g for g in (GEOMETRY_14B, GEOMETRY_TINY)}

@@ -222,7 +222,7 @@ def _resolve_quantization(requested: str, caps: Capabilities, device: str, preci
 
 def _attention_order(sm: tuple[int, int]) -> list[str]:
     if sm == (9, 0):
-        return ["flash_attn_3", "fa3_fwd", "sdpa-cudnn", "sdpa-flash", "flash_attn_2", "sdpa-efficient", "sdpa-math"]
+        return ["flash_attn_3", "sdpa-cudnn", "sdpa-flash", "flash_attn_2", "sdpa-efficient", "sdpa-math"]
     if sm >= (9, 0):
         return ["sdpa-cudnn", "sdpa-flash", "flash_attn_2", "sdpa-efficient", "sdpa-math"]
     if sm >= (8, 0):

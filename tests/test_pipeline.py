@@ -1,0 +1,205 @@
+"""The main job on the tiny preset: lengths, steps, passes, speakers, dubbing, errors and the sidecar."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from infinite_talk.cli import main as cli_main
+from infinite_talk.errors import InputError, NotLoadedError, OptionError
+from infinite_talk.media.mp4 import probe_media
+from infinite_talk.options import GenerateOptions, LoadOptions
+from infinite_talk.pipeline import InfiniteTalkPipeline
+
+EXAMPLES = __import__("pathlib").Path(__file__).parent / "data" / "examples"
+AAC_FRAME_S = 1024 / 16000  # decoded AAC may run up to one frame past the cut
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    import os
+
+    folder = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("INFINITE_TALK_CACHE")
+    os.environ["INFINITE_TALK_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("INFINITE_TALK_CACHE", None)
+    else:
+        os.environ["INFINITE_TALK_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def pipe(cache):
+    p = InfiniteTalkPipeline()
+    plan = p.load_models(LoadOptions(preset="tiny", model_precision="fp32", vae_precision="fp32"))
+    assert plan["geometry"] == "tiny"
+    return p
+
+
+@pytest.fixture(scope="module")
+def wav5(tmp_path_factory):
+    data, rate = sf.read(EXAMPLES / "speech_en.wav", dtype="float32")
+    path = tmp_path_factory.mktemp("audio") / "five_seconds.wav"
+    sf.write(path, data[: 5 * rate], rate)
+    return path
+
+
+class CallCounter:
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.calls += 1
+
+    def remove(self):
+        self.handle.remove()
+
+
+def _request(tmp_path, **kw):
+    base = dict(image=str(EXAMPLES / "portrait.png"), audio=str(EXAMPLES / "speech_en.wav"), steps=2,
+                out=str(tmp_path / "out.mp4"), seed=7)
+    base.update(kw)
+    return GenerateOptions(**base)
+
+
+def test_five_seconds_give_125_frames_and_a_5s_aac_track(pipe, tmp_path, wav5):
+    result = pipe.generate(_request(tmp_path, audio=str(wav5)))
+    info = probe_media(result.video_path)
+    assert info.frames == 125 and info.fps == 25 and info.video_codec == "h264"
+    assert info.audio_codec == "aac"
+    assert 5.0 - 1e-3 <= info.audio_duration <= 5.0 + AAC_FRAME_S + 1e-3
+    assert result.sidecar["output"]["chunks"] == 2  # 125 frames = 81 + 72 - trim
+
+
+def test_steps_run_exactly_and_passes_follow_the_scales(pipe, tmp_path):
+    for text, audio, passes in ((5.0, 4.0, 3), (1.0, 2.0, 2), (1.0, 1.0, 1)):
+        counter = CallCounter(pipe.transformer)
+        try:
+            result = pipe.generate(_request(tmp_path, steps=6, text_scale=text, audio_scale=audio, max_seconds=2.0))
+        finally:
+            counter.remove()
+        assert counter.calls == 6 * passes  # one chunk (50 frames), 6 steps, `passes` model calls per step
+        eff = result.sidecar["effective"]
+        assert eff["steps"] == 6 and eff["passes_per_step"] == passes
+        assert eff["model_calls_per_chunk"] == [6 * passes]
+
+
+def test_other_schedulers_run_their_steps(pipe, tmp_path):
+    for name, steps, expected in (("unipc", 5, 5), ("dpm++", 3, 3), ("distill4", 9, 4)):
+        counter = CallCounter(pipe.transformer)
+        try:
+            result = pipe.generate(_request(tmp_path, scheduler=name, steps=steps, text_scale=1.0, audio_scale=1.0,
+                                            max_seconds=1.0))
+        finally:
+            counter.remove()
+        assert counter.calls == expected
+        assert result.sidecar["effective"]["scheduler_plan"]["fixed"] is (name == "distill4")
+
+
+def test_whole_audio_by_default_and_max_seconds_caps(pipe, tmp_path):
+    result = pipe.generate(_request(tmp_path, steps=1, text_scale=1.0, audio_scale=1.0))
+    samples = sf.info(EXAMPLES / "speech_en.wav").frames  # 16 kHz, ~10.12 s
+    assert result.frames == int(samples / 16000 * 25)  # the whole audio: no silent cap
+    assert probe_media(result.video_path).frames == result.frames
+    capped = pipe.generate(_request(tmp_path, steps=1, text_scale=1.0, audio_scale=1.0, max_seconds=3.0))
+    assert capped.frames == 75
+
+
+def test_two_speakers_para_unequal_and_add(pipe, tmp_path):
+    two = dict(audio2=str(EXAMPLES / "speech_en_speaker2.wav"), steps=1, max_seconds=4.0)
+    para = pipe.generate(_request(tmp_path, audio_mode="para", **two))
+    assert para.frames == 100 and para.sidecar["effective"]["speakers"] == 2
+    full = pipe.generate(_request(tmp_path, audio_mode="add", steps=1, text_scale=1.0, audio_scale=1.0,
+                                  audio2=str(EXAMPLES / "speech_en_speaker2.wav")))
+    n1, n2 = sf.info(EXAMPLES / "speech_en.wav").frames, sf.info(EXAMPLES / "speech_en_speaker2.wav").frames
+    assert full.frames == int((n1 + n2) / 16000 * 25)  # add: speaker 1, then speaker 2
+    boxes = pipe.generate(_request(tmp_path, audio_mode="para", bbox=[[0, 0, 512, 256], [0, 256, 512, 512]], **two))
+    assert boxes.frames == 100
+
+
+def test_video_dubbing_takes_keyframes_from_the_video(pipe, tmp_path, wav5):
+    result = pipe.generate(_request(tmp_path, image=None, video=str(EXAMPLES / "reference_video.mp4"),
+                                    audio=str(wav5), steps=1, color_correction=0.0))
+    assert result.frames == 125 and result.sidecar["inputs"]["reference_is_video"] is True
+    assert probe_media(result.video_path).frames == 125
+
+
+def test_same_seed_same_video_and_seed_recorded(pipe, tmp_path):
+    a = pipe.generate(_request(tmp_path, out=str(tmp_path / "a.mp4"), max_seconds=1.0, seed=None))
+    assert isinstance(a.seed, int) and a.sidecar["seed"] == a.seed
+    pipe.generate(_request(tmp_path, out=str(tmp_path / "b.mp4"), max_seconds=1.0, seed=a.seed))
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+
+
+def test_sidecar_records_requested_and_effective(pipe, tmp_path):
+    result = pipe.generate(_request(tmp_path, steps=3, max_seconds=1.0))
+    sidecar = json.loads(result.sidecar_path.read_text())
+    assert result.sidecar_path.name == "out.json"
+    req, eff = sidecar["requested"], sidecar["effective"]
+    assert req["steps"] == 3 and req["shift"] is None and req["scheduler"] == "euler"
+    assert eff["steps"] == 3 and eff["shift"] == 7.0 and eff["scheduler"] == "euler"
+    assert eff["text_scale"] == 5.0 and eff["audio_scale"] == 4.0
+    assert eff["model_precision"] == "fp32" and eff["vae_precision"] == "fp32"
+    assert eff["quantization"] == "disabled" and eff["attention"] == "sdpa-native"
+    assert sidecar["load"]["requested"]["preset"] == "tiny"
+    assert set(sidecar["timings_s"]) >= {"total_s", "denoise", "decode", "text_encoder_s"}
+    assert sidecar["versions"]["infinite_talk"]
+
+
+def test_errors_say_what_to_do(pipe, tmp_path):
+    with pytest.raises(NotLoadedError, match="VAE is not loaded — load models first"):
+        InfiniteTalkPipeline().generate(_request(tmp_path))
+    with pytest.raises(InputError, match="missing.png: no such file"):
+        pipe.generate(_request(tmp_path, image=str(tmp_path / "missing.png")))
+    short = tmp_path / "short.wav"
+    sf.write(short, np.zeros(100, dtype=np.float32), 16000)
+    with pytest.raises(InputError, match="short.wav"):
+        pipe.generate(_request(tmp_path, audio=str(short)))
+    with pytest.raises(InputError, match="box 1 .* lies outside the 512×512 reference image"):
+        pipe.generate(_request(tmp_path, audio2=str(EXAMPLES / "speech_zh.wav"), bbox=[[0, 0, 600, 100],
+                                                                                        [0, 0, 10, 10]]))
+    with pytest.raises(InputError, match="exactly one reference"):
+        pipe.generate(_request(tmp_path, image=None))
+
+
+def test_cli_generate_dry_run_and_refusals(cache, tmp_path, wav5, capsys):
+    out = tmp_path / "cli.mp4"
+    code = cli_main(["generate", "--preset", "tiny", "--image", str(EXAMPLES / "portrait.png"), "--audio", str(wav5),
+                     "--steps", "1", "--text-scale", "1", "--audio-scale", "1", "--out", str(out)])
+    assert code == 0 and probe_media(out).frames == 125
+    assert json.loads(out.with_suffix(".json").read_text())["effective"]["steps"] == 1
+    code = cli_main(["generate", "--preset", "tiny", "--quantization", "fp8", "--image", str(EXAMPLES / "portrait.png"),
+                     "--audio", str(wav5), "--out", str(tmp_path / "q.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: quantization=fp8" in err and "Traceback" not in err
+    code = cli_main(["generate", "--dry-run", "--steps", "6", "--text-scale", "1", "--audio-scale", "2"])
+    plan = json.loads(capsys.readouterr().out)
+    assert code == 0 and plan["steps"] == 6 and plan["passes_per_step"] == 2
+
+
+def test_cli_reference_input_json(cache, tmp_path, wav5, capsys):
+    spec = {"prompt": "A woman is talking", "cond_video": str(EXAMPLES / "portrait.png"),
+            "cond_audio": {"person1": str(wav5)}}
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(spec))
+    code = cli_main(["generate", "--preset", "tiny", "--input-json", str(path), "--steps", "1", "--out",
+                     str(tmp_path / "j.mp4")])
+    assert code == 0
+    sidecar = json.loads((tmp_path / "j.json").read_text())
+    assert sidecar["inputs"]["prompt"] == "A woman is talking"
+    spec["cond_audio"] = {"person1": str(wav5), "person2": str(wav5), "person3": str(wav5)}
+    path.write_text(json.dumps(spec))
+    code = cli_main(["generate", "--preset", "tiny", "--input-json", str(path), "--out", str(tmp_path / "k.mp4")])
+    assert code == 2 and "3 speakers given; InfiniteTalk supports one or two speakers" in capsys.readouterr().err
+
+
+def test_load_refuses_unknown_and_unavailable_options():
+    with pytest.raises(OptionError, match="attention: unknown value 'sageattn_3_fp4'"):
+        InfiniteTalkPipeline().load_models(LoadOptions(preset="tiny", attention="sageattn_3_fp4"))
+    with pytest.raises(OptionError, match="attention=sageattn_3: needs"):
+        InfiniteTalkPipeline().load_models(LoadOptions(preset="tiny", attention="sageattn_3"))
