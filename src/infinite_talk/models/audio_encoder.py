@@ -13,7 +13,6 @@ states after every transformer layer are stacked to [T_video, layers, hidden].
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -81,12 +80,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, Path]:
         raise CheckpointError(f"{path}: audio encoder not found; {_WANT}")
     config = None
     if path.is_dir():
-        cfg = path / "config.json"
-        if cfg.is_file():
-            try:
-                config = json.loads(cfg.read_text())
-            except (OSError, ValueError) as err:
-                raise CheckpointError(f"{cfg}: unreadable config.json ({err}); download it again") from err
+        config = checkpoint_io.read_folder_config(path)
         files = [p for p in checkpoint_io.weight_files(path) if not p.name.endswith("fairseq-ckpt.pt")]
         if len(files) != 1:
             raise CheckpointError(f"{path}: expected one weights file (model.safetensors or pytorch_model.bin), "
@@ -164,24 +158,16 @@ def wav2vec_config_from_state(state: dict[str, torch.Tensor], path, geometry: Ge
     return Wav2Vec2Config(**cfg)
 
 
-class AudioEncoder:
+class AudioEncoder(checkpoint_io.ModelWrapper):
     """wav2vec2 audio features for the InfiniteTalk adapter: `embed(wave16k) -> [T_video, layers, hidden]`."""
 
     def __init__(self, model, provenance: str, warning: str | None = None, video_fps: int = 25,
                  sample_rate: int = 16000):
-        self.model = model.eval()
+        super().__init__(model)
         self.provenance = provenance
         self.warning = warning
         self.video_fps = video_fps
         self.sample_rate = sample_rate
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def num_video_frames(self, num_samples: int) -> int:
         return int(num_samples / self.sample_rate * self.video_fps)

@@ -145,3 +145,29 @@ def weight_files(path: str | Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"{path}: folder holds no .safetensors/.pth/.bin weight files")
     return files
+
+
+def read_folder_config(folder: Path) -> dict | None:
+    """`config.json` of a model folder, or None when there is none; an unreadable one is a CheckpointError."""
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{cfg}: unreadable config.json ({err}); download it again") from err
+
+
+class ModelWrapper:
+    """Base of our thin wrappers around a library model: the device and dtype its weights really have."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype

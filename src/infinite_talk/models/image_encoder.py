@@ -115,20 +115,12 @@ def clip_config_from_state(state: dict[str, torch.Tensor], path, geometry: Geome
     )
 
 
-class ImageEncoder:
+class ImageEncoder(checkpoint_io.ModelWrapper):
     """CLIP penultimate-block tokens of the reference frame: `encode([1,3,1,H,W] in [-1,1]) -> [1, tokens, width]`."""
 
     def __init__(self, model, image_size: int):
-        self.model = model.eval()
+        super().__init__(model)
         self.image_size = image_size
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         if image.ndim == 4:

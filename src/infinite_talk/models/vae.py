@@ -13,7 +13,6 @@ the real [1,2,4,4] stage layout). Wan2.2 (48 latent channels) and lightVAE (prun
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -82,12 +81,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, Path]:
         raise CheckpointError(f"{path}: VAE file not found; {_WANT}")
     config = None
     if path.is_dir():
-        cfg = path / "config.json"
-        if cfg.is_file():
-            try:
-                config = json.loads(cfg.read_text())
-            except (OSError, ValueError) as err:
-                raise CheckpointError(f"{cfg}: unreadable config.json ({err}); download it again") from err
+        config = checkpoint_io.read_folder_config(path)
         files = checkpoint_io.weight_files(path)
         state: dict[str, torch.Tensor] = {}
         for f in files:
@@ -136,21 +130,13 @@ def normalise_vae_state(state: dict[str, torch.Tensor], path, geometry: Geometry
     return state
 
 
-class WanVae:
+class WanVae(checkpoint_io.ModelWrapper):
     """Normalised-latent Wan2.1 VAE (the reference `WanVAE` wrapper semantics) on diffusers' `AutoencoderKLWan`."""
 
     def __init__(self, model, mean=WAN21_LATENT_MEAN, std=WAN21_LATENT_STD):
-        self.model = model.eval()
+        super().__init__(model)
         self.mean = torch.tensor(mean, dtype=torch.float32)
         self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32)  # reference scale = [mean, 1/std] in float32
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def enable_tiling(self, tile_size: int = 256, stride: int = 192) -> None:
         """Spatial tiling for low memory (pixel tile/stride; blending makes it close to, not equal to, untiled)."""
