@@ -7,6 +7,7 @@ hub through huggingface_hub (standard cache, resumable downloads).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,14 +47,16 @@ def classify(path: Path) -> str | None:
         return None
     prefix = common_prefix(keys)
     keys = {k[len(prefix):] for k in keys}
-    has_base = "patch_embedding.weight" in keys or any(k.startswith("condition_embedder.") for k in keys)
-    has_adapter = any(k.startswith(("audio_proj.", "multitalk_audio_proj.")) for k in keys)
-    if has_base:
+    from .models.transformer_loading import is_adapter_key, original_to_model_key
+
+    # Any tensor of the Wan DiT itself, in released or diffusers names (a shard may hold only some blocks' FFNs).
+    mapped = [original_to_model_key(k) for k in keys]
+    diffusers_names = any(k.startswith("condition_embedder.") or re.match(r"blocks\.\d+\.(attn[12]|ffn\.net)\.", k)
+                          for k in keys)
+    if diffusers_names or any(m is not None and not is_adapter_key(m) for m in mapped):
         return "dit"
-    if has_adapter or any(".audio_cross_attn." in k for k in keys):
+    if any(k.startswith(("audio_proj.", "multitalk_audio_proj.")) or ".audio_cross_attn." in k for k in keys):
         return "adapter"
-    if any(k.startswith("blocks.") and (".self_attn." in k or ".attn1." in k) for k in keys):
-        return "dit"  # a shard of the base without the embeddings
     if ("conv2.weight" in keys and "decoder.conv1.weight" in keys) or "quant_conv.weight" in keys:
         return "vae"
     if "token_embedding.weight" in keys or "shared.weight" in keys or "encoder.block.0.layer.0.SelfAttention.q.weight" in keys:
@@ -66,24 +69,34 @@ def classify(path: Path) -> str | None:
 
 
 def _is_t5_tokenizer_dir(folder: Path) -> bool:
-    """A tokenizer folder whose config names a T5 tokenizer (umT5), not e.g. the XLM-R one of CLIP."""
+    """A umT5 tokenizer folder, by content: pad id 0 and eos id 1 (XLM-R, CLIP's tokenizer, has <s> at 0), or a
+    sentencepiece-only folder whose config names a T5 tokenizer."""
     import json
 
-    config = folder / "tokenizer_config.json"
-    if not ((folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file()) or not config.is_file():
-        return False
     try:
-        return "T5" in str(json.loads(config.read_text()).get("tokenizer_class", ""))
+        if (folder / "tokenizer.json").is_file():
+            added = json.loads((folder / "tokenizer.json").read_text()).get("added_tokens", [])
+            ids = {t.get("id"): t.get("content") for t in added}
+            return ids.get(0) == "<pad>" and ids.get(1) == "</s>"
+        config = folder / "tokenizer_config.json"
+        if (folder / "spiece.model").is_file() and config.is_file():
+            return "T5" in str(json.loads(config.read_text()).get("tokenizer_class", ""))
     except (OSError, ValueError):
         return False
+    return False
 
 
-def discover(models_dir: str | Path) -> dict[str, list[Path]]:
-    """All model files under a folder, grouped by component (found by content)."""
-    root = Path(models_dir)
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: --models-dir is not a folder")
+def discover(*roots: str | Path) -> dict[str, list[Path]]:
+    """All model files under one or more folders, grouped by component (found by content)."""
     found: dict[str, list[Path]] = {}
+    for root in map(Path, roots):
+        if not root.is_dir():
+            raise CheckpointError(f"{root}: --models-dir is not a folder")
+        _discover_into(root, found)
+    return found
+
+
+def _discover_into(root: Path, found: dict[str, list[Path]]) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
             kind = classify(path)
@@ -91,7 +104,6 @@ def discover(models_dir: str | Path) -> dict[str, list[Path]]:
                 found.setdefault(kind, []).append(path)
         elif path.is_dir() and _is_t5_tokenizer_dir(path):
             found.setdefault("t5_tokenizer", []).append(path)
-    return found
 
 
 def _one(found: dict[str, list[Path]], kind: str, label: str, option: str, root: Path) -> Path:
@@ -109,9 +121,10 @@ def _wav2vec_location(path: Path) -> Path:
     return path.parent if (path.parent / "config.json").is_file() else path
 
 
-def files_from_folder(options: LoadOptions) -> ModelFiles:
-    root = Path(options.models_dir)
-    found = discover(root)
+def files_from_folder(options: LoadOptions, roots: list[Path] | None = None) -> ModelFiles:
+    roots = roots or [Path(options.models_dir)]
+    root = roots[0] if len(roots) == 1 else Path(", ".join(map(str, roots)))
+    found = discover(*roots)
     dit = [Path(options.transformer)] if options.transformer else found.get("dit", [])
     if not dit:
         raise CheckpointError(f"{root}: no Wan2.1-I2V-14B transformer found; add it or pass --transformer PATH")
@@ -131,15 +144,11 @@ def files_from_folder(options: LoadOptions) -> ModelFiles:
     )
 
 
-def files_from_hub(say: Callable[[str], None]) -> Path:
-    """Download the released repositories into the standard hub cache; returns a folder to discover in."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as err:  # pragma: no cover - a declared dependency
-        raise CheckpointError("huggingface_hub is not installed; pass --models-dir instead") from err
-    import tempfile
+def files_from_hub(say: Callable[[str], None]) -> list[Path]:
+    """Download the released repositories into the standard hub cache; returns the snapshot folders."""
+    from huggingface_hub import snapshot_download
 
-    links = Path(tempfile.mkdtemp(prefix="infinite_talk_hub_"))
+    folders = []
     patterns = {"wan": None, "infinitetalk": ["single/infinitetalk.safetensors"], "wav2vec": None}
     for name, repo in HUB_REPOS.items():
         say(f"downloading {repo} (resumable; cached under the Hugging Face hub cache)")
@@ -150,8 +159,8 @@ def files_from_hub(say: Callable[[str], None]) -> Path:
                 f"cannot download {repo} from the Hugging Face hub ({type(err).__name__}: {err}); check the network "
                 "or download the files yourself and pass --models-dir DIR"
             ) from err
-        (links / name).symlink_to(local, target_is_directory=True)
-    return links
+        folders.append(Path(local))
+    return folders
 
 
 def resolve_model_files(options: LoadOptions, say: Callable[[str], None]) -> tuple[ModelFiles, Geometry]:
@@ -163,6 +172,5 @@ def resolve_model_files(options: LoadOptions, say: Callable[[str], None]) -> tup
     if all(explicit):
         return ModelFiles([options.transformer], options.adapter, options.vae, options.t5, options.t5_tokenizer,
                           options.clip, options.wav2vec), GEOMETRY_14B
-    if options.models_dir is None:
-        options = LoadOptions(**{**asdict(options), "models_dir": str(files_from_hub(say))})
-    return files_from_folder(options), GEOMETRY_14B
+    roots = [Path(options.models_dir)] if options.models_dir else files_from_hub(say)
+    return files_from_folder(options, roots), GEOMETRY_14B
