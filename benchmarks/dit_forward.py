@@ -20,6 +20,7 @@ from accelerate import init_empty_weights
 
 from infinite_talk.models.configs import GEOMETRIES
 from infinite_talk.models.transformer import InfiniteTalkTransformer
+from infinite_talk.models.transformer_loading import keeps_fp32
 
 LATENT_GRIDS = {480: (21, 60, 104), 720: (21, 90, 160)}  # 832x480 / 1280x720 at 81 frames
 
@@ -86,7 +87,9 @@ def main() -> None:
             p.normal_(0.0, 0.02 if p.ndim > 1 else 0.1)
         model.rope.__init__(cfg.head_dim, (1, 2, 2), cfg.rope_max_seq_len)  # buffers were left empty
         model.rope.to(device)
-    model = model.to(dtype)
+    for name, p in model.named_parameters():  # as the loader does: time MLPs, modulation, norms, head stay fp32
+        if not keeps_fp32(name):
+            p.data = p.data.to(dtype)
     model.set_attention_backend(args.attention)
     model.eval().requires_grad_(False)
 

@@ -127,6 +127,10 @@ def test_video_dubbing_takes_keyframes_from_the_video(pipe, tmp_path, wav5):
                                     audio=str(wav5), steps=1, color_correction=0.0))
     assert result.frames == 125 and result.sidecar["inputs"]["reference_is_video"] is True
     assert probe_media(result.video_path).frames == 125
+    auto = pipe.generate(_request(tmp_path, image=None, video=str(EXAMPLES / "reference_video.mp4"),
+                                  audio=str(wav5), steps=1, max_seconds=1.0))
+    assert auto.sidecar["requested"]["color_correction"] is None
+    assert auto.sidecar["effective"]["color_correction"] == 0.0  # off by default for a video (D19)
 
 
 def test_same_seed_same_video_and_seed_recorded(pipe, tmp_path):
@@ -143,10 +147,15 @@ def test_sidecar_records_requested_and_effective(pipe, tmp_path):
     req, eff = sidecar["requested"], sidecar["effective"]
     assert req["steps"] == 3 and req["shift"] is None and req["scheduler"] == "euler"
     assert eff["steps"] == 3 and eff["shift"] == 7.0 and eff["scheduler"] == "euler"
-    assert eff["text_scale"] == 5.0 and eff["audio_scale"] == 4.0
+    assert eff["text_scale"] == 5.0 and eff["audio_scale"] == 4.0 and eff["color_correction"] == 1.0
     assert eff["model_precision"] == "fp32" and eff["vae_precision"] == "fp32"
     assert eff["quantization"] == "disabled" and eff["attention"] == "sdpa-native"
     assert sidecar["load"]["requested"]["preset"] == "tiny"
+    # the attention the plan names is the one set on every attention module, audio attention included
+    backend = sidecar["load"]["effective"]["attention_backend"]
+    block = pipe.transformer.blocks[0]
+    for backend_of in (block.attn1.processor, block.attn2.processor, block.audio_cross_attn):
+        assert backend_of._attention_backend.value == backend
     assert set(sidecar["timings_s"]) >= {"total_s", "denoise", "decode", "text_encoder_s"}
     assert sidecar["versions"]["infinite_talk"]
 

@@ -86,13 +86,20 @@ class GenerateOptions:
     audio_scale: float = opt(4.0, "audio guidance scale (1 with text 1: one pass per step)", minimum=0.0, maximum=50.0)
     use_apg: bool = opt(False, "adaptive projected guidance")
     seed: int | None = opt(None, "random seed (random when unset; the one used is recorded)")
-    color_correction: float = opt(1.0, "colour-correction strength against the reference frame (0 = off)",
-                                  minimum=0.0, maximum=1.0)
+    color_correction: float | None = opt(None, "colour-correction strength against the first reference frame, 0-1 "
+                                         "(default: 1 for an image, 0 for a video, whose scenes may change colour)",
+                                         minimum=0.0, maximum=1.0)
     max_seconds: float | None = opt(None, "stop after this many seconds of video (default: the whole audio)",
-                                    minimum=0.0)
+                                    minimum=0.04)
     frame_num: int = opt(81, "frames per chunk (4n+1)", minimum=5)
     motion_frames: int = opt(9, "context frames carried between chunks (4k+1)", minimum=1)
     out: str | None = opt(None, "output mp4 path (a JSON sidecar is written next to it)")
+
+    @property
+    def effective_color_correction(self) -> float:
+        if self.color_correction is not None:
+            return float(self.color_correction)
+        return 0.0 if self.video else 1.0  # REFERENCE D19: frame-0 matching fights scene changes in a video
 
     @property
     def effective_shift(self) -> float:

@@ -136,7 +136,7 @@ class InfiniteTalkPipeline:
             "text_scale": request.text_scale,
             "audio_scale": request.audio_scale,
             "apg": request.use_apg,
-            "color_correction": request.color_correction,
+            "color_correction": request.effective_color_correction,
             "size": request.size,
             "max_seconds": request.max_seconds,
         }
@@ -227,9 +227,10 @@ class InfiniteTalkPipeline:
             index = source.index_at(frame_time)
             return index, resize_and_centercrop(source.frame_at(frame_time), target)
 
-        matcher = ColorMatcher(reference) if request.color_correction > 0 else None
+        strength = request.effective_color_correction
+        matcher = ColorMatcher(reference) if strength > 0 else None
         cond = Conditioning(prompt_ctx, negative_ctx, embeddings, masks, keyframe,
-                            reference if matcher is not None else None, request.color_correction)
+                            reference if matcher is not None else None, strength)
         loop = ChunkLoop(
             self.transformer, self.vae, self.image_encoder,
             lambda: make_sampler(request.scheduler, request.steps, request.effective_shift),

@@ -120,6 +120,7 @@ class FilePlan:
     keys: dict[str, str] = field(default_factory=dict)  # file key -> model key
     scales: dict[str, str] = field(default_factory=dict)  # model weight key -> file key of its fp8 scale
     fp8: bool = False
+    infos: dict = field(default_factory=dict)  # file key -> TensorInfo (read once from the header)
 
     @property
     def has_adapter(self) -> bool:
@@ -169,7 +170,7 @@ def plan_file(path: Path) -> FilePlan:
     _refuse_other_models(path, set(norm_infos), norm_infos)
 
     diffusers_layout = any(k.startswith("condition_embedder.") or ".attn1." in k for k in norm_infos)
-    plan = FilePlan(path, prefix, "diffusers" if diffusers_layout else "original")
+    plan = FilePlan(path, prefix, "diffusers" if diffusers_layout else "original", infos=infos)
     unknown = []
     for file_key, key in keys.items():
         if key in _IGNORED_KEYS or key.endswith(_IGNORED_SUFFIXES):
@@ -201,7 +202,7 @@ def _expected_shapes(geometry: Geometry) -> dict[str, tuple[int, ...]]:
 
 def _check_shapes(plans: list[FilePlan], expected: dict[str, tuple[int, ...]], geometry: Geometry) -> None:
     for plan in plans:
-        infos = tensor_infos(plan.path)
+        infos = plan.infos
         for file_key, model_key in plan.keys.items():
             if model_key not in expected:
                 raise CheckpointError(f"{plan.path}: unexpected tensor {file_key} (the {geometry.name} model has "
@@ -216,7 +217,7 @@ def _check_shapes(plans: list[FilePlan], expected: dict[str, tuple[int, ...]], g
                                       f"{list(expected[model_key])}{hint}")
 
 
-def _keeps_fp32(name: str) -> bool:
+def keeps_fp32(name: str) -> bool:
     parts = name.split(".")
     singles = [m for m in InfiniteTalkTransformer._keep_in_fp32_modules if "." not in m]
     return any(m in parts for m in singles) or name.startswith("audio_proj.norm.")
@@ -284,7 +285,7 @@ def load_transformer(
             name = plan.keys[file_key]
             if name in plan.scales:  # fp8 scaled: W = W_fp8 * scale (per tensor)
                 tensor = tensor.float() * scales[plan.scales[name]].float()
-            target = torch.float32 if _keeps_fp32(name) else dtype
+            target = torch.float32 if keeps_fp32(name) else dtype
             set_module_tensor_to_device(model, name, device, value=tensor.to(target), dtype=target)
     model.eval().requires_grad_(False)
     model.loaded_from = [str(p) for p in files]
@@ -318,7 +319,7 @@ def load_transformer_from_state_dict(
         raise CheckpointError(f"state dict does not match the {geometry.name} model: missing {missing[:5]}, "
                               f"unknown {bad[:5]}")
     for name, tensor in converted.items():
-        target = torch.float32 if _keeps_fp32(name) else dtype
+        target = torch.float32 if keeps_fp32(name) else dtype
         set_module_tensor_to_device(model, name, "cpu", value=tensor.to(target), dtype=target)
     return model.eval().requires_grad_(False)
 
