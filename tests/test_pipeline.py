@@ -188,10 +188,10 @@ def test_cli_generate_dry_run_and_refusals(cache, tmp_path, wav5, capsys):
                      "--steps", "1", "--text-scale", "1", "--audio-scale", "1", "--out", str(out)])
     assert code == 0 and probe_media(out).frames == 125
     assert json.loads(out.with_suffix(".json").read_text())["effective"]["steps"] == 1
-    code = cli_main(["generate", "--preset", "tiny", "--quantization", "fp8", "--image", str(EXAMPLES / "portrait.png"),
+    code = cli_main(["generate", "--preset", "tiny", "--quantization", "fp4", "--image", str(EXAMPLES / "portrait.png"),
                      "--audio", str(wav5), "--out", str(tmp_path / "q.mp4")])
     err = capsys.readouterr().err
-    assert code == 2 and "error: quantization=fp8" in err and "Traceback" not in err
+    assert code == 2 and "error: quantization=fp4" in err and "Traceback" not in err
     code = cli_main(["generate", "--dry-run", "--steps", "6", "--text-scale", "1", "--audio-scale", "2"])
     plan = json.loads(capsys.readouterr().out)
     assert code == 0 and plan["steps"] == 6 and plan["passes_per_step"] == 2

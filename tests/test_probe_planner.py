@@ -15,7 +15,7 @@ from infinite_talk.plan.doctor import doctor_report, main, option_rows
 from infinite_talk.plan.planner import ATTENTION_BACKENDS, DTYPES, Plan, resolve
 from infinite_talk.plan.probe import KERNELS, SIMULATED, Capabilities, Kernel, probe, simulated
 
-FIELDS = ("model_precision", "vae_precision", "quantization", "attention")
+FIELDS = ("model_precision", "vae_precision", "quantization", "t5_quantization", "attention")
 CHOICES = {f.name: f.metadata["choices"] for f in dataclasses.fields(LoadOptions) if f.name in FIELDS}
 
 H100 = "NVIDIA H100 80GB HBM3 (sm_90), CUDA 13.0"
@@ -27,18 +27,26 @@ NEED_FA3 = ("needs a Hopper GPU (sm_90), bf16/fp16 compute and FlashAttention-3 
             "or the fa3-fwd wheel)")
 NEED_FA2 = "needs a CUDA GPU with sm >= 8.0, bf16/fp16 compute and flash-attn >= 2.6.3"
 NEED_SA2 = "needs a CUDA GPU with sm >= 8.0, bf16/fp16 compute and sageattention >= 2.1.1 (SageAttention2)"
-NEED_NF4 = "needs a CUDA GPU and bitsandbytes (NF4 4-bit weights)"
+NEED_NF4 = "needs torchao >= 0.15 (NF4 4-bit weights)"
+NEED_FP8 = "needs torchao >= 0.15 (fp8 weights) and torch float8_e4m3fn"
 NEED_FP4 = "needs a Blackwell GPU (sm_100/sm_120/sm_121) with torchao NVFP4 kernels and model_precision bf16"
 NEED_INT8 = "needs torchao >= 0.15 (int8 weight-only)"
 
 # Expected outcome of each single option value (others at their defaults: bf16 / bf16 / disabled / auto / auto):
 # an effective value, or the exact OptionError message.
 EXPECTED: dict[str, dict[tuple[str, str], str]] = {
-    "cpu": {
-        ("quantization", "fp8"): "fp8-storage",
+    "cpu-bare": {
+        ("quantization", "fp8"): f"quantization=fp8: {NEED_FP8}; this machine has {CPU}; "
+                                 "torchao_fp8_wo: package torchao not installed",
         ("quantization", "int8"): f"quantization=int8: {NEED_INT8}; this machine has {CPU}; "
                                   "torchao_int8_wo: package torchao not installed",
-        ("quantization", "nf4"): f"quantization=nf4: {NEED_NF4}; this machine has {CPU}",
+        ("quantization", "nf4"): f"quantization=nf4: {NEED_NF4}; this machine has {CPU}; "
+                                 "torchao_nf4: package torchao not installed",
+    },
+    "cpu": {
+        ("quantization", "fp8"): "fp8-storage",
+        ("quantization", "int8"): "int8-weight-only",
+        ("quantization", "nf4"): "nf4",
         ("quantization", "fp4"): f"quantization=fp4: {NEED_FP4}; this machine has {CPU}",
         ("attention", "auto"): "sdpa-native",
         ("attention", "sdpa"): "sdpa-native",
@@ -48,11 +56,12 @@ EXPECTED: dict[str, dict[tuple[str, str], str]] = {
         ("attention", "sageattn_3"): f"attention=sageattn_3: {NEED_SA3}; this machine has {CPU}",
     },
     "h100-bare": {
-        ("quantization", "fp8"): "fp8-compute",
+        ("quantization", "fp8"): f"quantization=fp8: {NEED_FP8}; this machine has {H100}; "
+                                 "torchao_fp8_wo: package torchao not installed",
         ("quantization", "int8"): f"quantization=int8: {NEED_INT8}; this machine has {H100}; "
                                   "torchao_int8_wo: package torchao not installed",
         ("quantization", "nf4"): f"quantization=nf4: {NEED_NF4}; this machine has {H100}; "
-                                 "bnb_nf4: package bitsandbytes not installed",
+                                 "torchao_nf4: package torchao not installed",
         ("quantization", "fp4"): f"quantization=fp4: {NEED_FP4}; this machine has {H100}",
         ("attention", "auto"): "sdpa-cudnn",
         ("attention", "sdpa"): "sdpa-cudnn",
@@ -78,8 +87,8 @@ EXPECTED: dict[str, dict[tuple[str, str], str]] = {
         ("attention", "sageattn_3"): f"attention=sageattn_3: {NEED_SA3}; this machine has {H100}",
     },
     "h100-fa3fwd": {
-        # auto skips the fa3-fwd wheel until its processor is wired into the model; explicit requests resolve
-        ("attention", "auto"): "sdpa-cudnn",
+        # without flash_attn_interface, auto and flash_attn_3 run the fa3-fwd wheel through our processor
+        ("attention", "auto"): "flash_attn_3",
         ("attention", "flash_attn_3"): "flash_attn_3",
     },
     "a100": {
@@ -116,7 +125,7 @@ EXPECTED: dict[str, dict[tuple[str, str], str]] = {
                                      "CUDA 13.0; sageattn_3: package sageattn3 not installed",
     },
 }
-AUTO_BACKEND = {"cpu": "native", "h100-bare": "_native_cudnn", "h100": "_flash_3", "h100-fa3fwd": "_native_cudnn",
+AUTO_BACKEND = {"cpu": "native", "cpu-bare": "native", "h100-bare": "_native_cudnn", "h100": "_flash_3", "h100-fa3fwd": "fa3_fwd",
                 "a100": "_native_flash", "rtx5090": "_native_cudnn", "b200": "_native_cudnn"}
 
 
@@ -131,7 +140,7 @@ def _check_plan(plan: Plan, opts: LoadOptions) -> None:
     assert plan.quantization == plan.options["quantization"].effective
     assert (plan.attention_backend, plan.attention_provider) == ATTENTION_BACKENDS[plan.attention_kernel]
     json.dumps(plan.to_dict())
-    assert len(plan.lines()) == 5 and all(" → " in line for line in plan.lines())
+    assert len(plan.lines()) == 6 and all(" → " in line for line in plan.lines())
 
 
 @pytest.mark.parametrize("machine", list(SIMULATED))
@@ -175,14 +184,15 @@ def test_auto_attention_is_the_fastest_verified(machine):
     if machine == "h100":
         order = []
         kernels = dict(caps.kernels)
-        for _ in range(6):
+        for _ in range(7):
             c = dataclasses.replace(caps, kernels=kernels)
             p = resolve(LoadOptions(), c)
             order.append(p.attention_kernel)
             probe_key = {"sdpa-cudnn": "sdpa_cudnn", "sdpa-flash": "sdpa_flash", "sdpa-efficient": "sdpa_efficient",
                          "sdpa-math": "sdpa_math"}.get(p.attention_kernel, p.attention_kernel)
             kernels[probe_key] = Kernel(False, "micro-test failed: simulated")
-        assert order == ["flash_attn_3", "sdpa-cudnn", "sdpa-flash", "flash_attn_2", "sdpa-efficient", "sdpa-math"]
+        assert order == ["flash_attn_3", "fa3_fwd", "sdpa-cudnn", "sdpa-flash", "flash_attn_2", "sdpa-efficient",
+                         "sdpa-math"]
         assert "skipped flash_attn_3: micro-test failed: simulated" in p.options["attention"].reason
 
 
@@ -204,14 +214,19 @@ def test_sageattn3_needs_cuda_12_8():
 
 def test_fp8_says_compute_or_storage():
     r = resolve(LoadOptions(quantization="fp8"), simulated("h100")).options["quantization"]
-    assert r.reason == "fp8 e4m3 weights and real fp8 matmuls (torch._scaled_mm) on sm_90"
+    assert r.effective == "fp8-compute"
+    assert r.reason == ("fp8 e4m3 weights and activations with per-row scales, real fp8 matmuls (torchao "
+                        "Float8DynamicActivationFloat8WeightConfig, torch._scaled_mm) on sm_90")
+    storage = ("fp8 e4m3 weights with per-row scales (torchao Float8WeightOnlyConfig), upcast to bf16 per layer: "
+               "weight storage only, saves memory, not time")
     r = resolve(LoadOptions(quantization="fp8"), simulated("a100")).options["quantization"]
-    assert r.reason == ("fp8 e4m3 weights upcast to bf16 per layer: weight storage only, saves memory, not time; "
-                        "fp8 matmuls need sm >= 8.9 and this GPU is sm_80")
-    broken = simulated("h100", kernels={"scaled_mm_fp8": Kernel(False, "micro-test failed: RuntimeError: x")})
+    assert r.reason == f"{storage}; fp8 matmuls need sm >= 8.9 and this GPU is sm_80"
+    broken = simulated("h100", kernels={"torchao_fp8_dynamic": Kernel(False, "micro-test failed: RuntimeError: x")})
     r = resolve(LoadOptions(quantization="fp8"), broken).options["quantization"]
-    assert r.effective == "fp8-storage" and r.reason.endswith("torch._scaled_mm unavailable: micro-test failed: "
-                                                              "RuntimeError: x")
+    assert r.effective == "fp8-storage"
+    assert r.reason == f"{storage}; fp8 matmuls unavailable: micro-test failed: RuntimeError: x"
+    r = resolve(LoadOptions(quantization="fp8", model_precision="fp32"), simulated("h100")).options["quantization"]
+    assert r.effective == "fp8-storage" and r.reason.endswith("model_precision is fp32")
 
 
 def test_fp32_compute():
@@ -306,11 +321,12 @@ def test_real_probe_on_this_machine():
         return
     assert caps.device == "cpu" and caps.gpus == () and caps.gpu is None
     assert caps.summary() == CPU
-    for key in ("sdpa_cudnn", "sdpa_efficient", "bnb_nf4"):
+    for key in ("sdpa_cudnn", "sdpa_efficient"):
         assert caps.kernels[key].reason == "needs a CUDA GPU; this machine has none"
     assert caps.kernels["scaled_mm_fp8"].reason == "needs a CUDA GPU with sm >= 8.9; this machine has none"
     assert caps.kernels["sageattn_3"].reason == "needs a Blackwell GPU; this machine has none"
-    assert caps.kernels["fp8_storage"].available
+    for key in ("torchao_fp8_wo", "torchao_int8_wo", "torchao_nf4"):  # torchao is a test dependency
+        assert caps.kernels[key].available, caps.kernels[key].reason
     assert plan.device == "cpu" and plan.attention_backend == "native"
 
 

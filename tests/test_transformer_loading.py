@@ -13,6 +13,7 @@ from infinite_talk.models.configs import GEOMETRY_TINY
 from infinite_talk.models.transformer_loading import load_transformer, state_dict_in_original_layout
 from infinite_talk.presets.tiny_transformer import (
     fp8_scaled,
+    random_transformer_inputs,
     random_transformer_state,
     write_adapter_file,
     write_diffusers_layout,
@@ -29,18 +30,7 @@ def state():
 
 
 def _inputs(persons=1, frames=2, h=4, w=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cfg = G.dit
-    f = 4 * (frames - 1) + 1
-    return dict(
-        hidden_states=torch.randn(1, 16, frames, h, w, generator=g),
-        timestep=torch.tensor([700.0]),
-        encoder_hidden_states=torch.randn(1, 7, cfg.text_dim, generator=g),
-        encoder_hidden_states_image=torch.randn(1, 5, cfg.image_dim, generator=g),
-        condition=torch.randn(1, 20, frames, h, w, generator=g),
-        audio=torch.randn(persons, f, 5, cfg.audio_layers, cfg.audio_dim, generator=g),
-        ref_target_masks=torch.ones(3, h, w),
-    )
+    return random_transformer_inputs(G, persons, frames, h, w, seed)
 
 
 def _same_weights(model, state):

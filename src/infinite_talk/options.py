@@ -56,6 +56,8 @@ class LoadOptions:
     vae_precision: str = opt("bf16", "precision of the VAE", choices=PRECISIONS)
     quantization: str = opt("disabled", "quantization of the transformer weights",
                             choices=("disabled", "fp8", "int8", "nf4", "fp4"))
+    t5_quantization: str = opt("disabled", "umT5 text encoder weights: 'fp8' stores them in fp8 e4m3 with per-row "
+                               "scales (≈ half the memory of bf16)", choices=("disabled", "fp8"))
     attention: str = opt("auto", "attention kernel",
                          choices=("auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattn", "sageattn_3"))
     device: str = opt("auto", "'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import CancelledError, InputError, NotLoadedError, OptionError
+from .errors import CancelledError, InputError, NotLoadedError
 from .media.audio import load_audio, load_audio_original, loudness_normalize
 from .media.color import ColorMatcher, color_correct
 from .media.frames import FrameSource, bucket_for, person_masks, resize_and_centercrop
@@ -64,25 +64,33 @@ class InfiniteTalkPipeline:
         options.validate()
         say = progress or (lambda msg: None)
         plan = resolve(options, probe())
-        self._refuse_unimplemented(plan)
         device = torch.device(plan.device)
         files, geometry = resolve_model_files(options, say)
 
         from .models.audio_encoder import load_audio_encoder
         from .models.image_encoder import load_image_encoder
+        from .models.quantize import quantize_text_encoder, quantize_transformer
         from .models.text_encoder import load_text_encoder
         from .models.transformer_loading import load_transformer
         from .models.vae import load_vae
 
         say("loading transformer")
+        # Quantized runs load on the CPU and quantize layer by layer on the way to the device: the device never holds
+        # the full-precision model.
+        load_device = device if plan.quantization == "disabled" else torch.device("cpu")
         transformer = load_transformer(files.transformer, files.adapter, geometry, dtype=plan.torch_dtype,
-                                       device=device)
+                                       device=load_device)
+        # (LoRA merges belong here: into the full-precision weights, before quantization.)
+        if plan.quantization != "disabled":
+            say(f"quantizing transformer ({plan.quantization})")
+        quantization = quantize_transformer(transformer, plan.quantization, device)
         transformer.set_attention_backend(plan.attention_backend)
         say("loading VAE")
         vae = load_vae(files.vae, geometry, device=device, dtype=plan.vae_torch_dtype)
         say("loading text encoder")
         text_encoder = load_text_encoder(files.t5, files.t5_tokenizer, geometry, device=device,
                                          dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+        t5_quantization = quantize_text_encoder(text_encoder.model, options.t5_quantization)
         say("loading image encoder")
         image_encoder = load_image_encoder(files.clip, geometry, device=device,
                                            dtype=torch.float32 if device.type == "cpu" else torch.float16)
@@ -96,23 +104,9 @@ class InfiniteTalkPipeline:
         self.load_plan["lines"] = plan.lines()
         self.load_plan["files"] = files.as_dict()
         self.load_plan["geometry"] = geometry.name
+        self.load_plan["quantization_report"] = {"transformer": quantization, "t5": t5_quantization}
         self.load_plan["notes"] = [n for n in (getattr(audio_encoder, "warning", None),) if n]
         return self.load_plan
-
-    @staticmethod
-    def _refuse_unimplemented(plan) -> None:
-        """Options the planner can resolve but this version cannot yet apply are refused, never ignored."""
-        if plan.quantization != "disabled":
-            raise OptionError(
-                f"quantization={plan.options['quantization'].requested}: this machine could run it as "
-                f"{plan.quantization}, but quantized transformer weights are not implemented in this version yet; "
-                "use --quantization disabled"
-            )
-        if plan.attention_provider != "diffusers":
-            raise OptionError(
-                f"attention={plan.options['attention'].requested}: resolves to {plan.attention_kernel}, whose "
-                "kernel is not wired into the model in this version yet; use --attention sdpa or auto"
-            )
 
     def _require_models(self) -> None:
         for name, label in (("vae", "VAE"), ("transformer", "Transformer"), ("text_encoder", "Text encoder"),

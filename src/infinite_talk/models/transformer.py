@@ -71,6 +71,7 @@ class InfiniteTalkAttnProcessor:
 
     _attention_backend = None
     _parallel_config = None
+    _kernel = None  # one of attention_kernels.KERNELS, used instead of the dispatcher when set
 
     def __call__(
         self,
@@ -109,6 +110,10 @@ class InfiniteTalkAttnProcessor:
         return out, ref_map
 
     def _attend(self, q, k, v, mask, self_attention: bool) -> torch.Tensor:
+        if self._kernel is not None:
+            if mask is not None:
+                raise RuntimeError("the selected attention kernel takes no attention mask")
+            return self._kernel(q, k, v).flatten(2, 3).type_as(q)
         out = dispatch_attention_fn(
             q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=self._attention_backend,
             parallel_config=self._parallel_config if self_attention else None,
@@ -197,6 +202,7 @@ class AudioCrossAttention(nn.Module):
         self.kv_linear = nn.Linear(audio_dim, dim * 2)
         self.proj = nn.Linear(dim, dim)
         self._attention_backend = None
+        self._kernel = None
 
     def forward(
         self, x: torch.Tensor, audio_tokens: torch.Tensor, num_frames: int, route_pos: torch.Tensor | None = None
@@ -212,7 +218,10 @@ class AudioCrossAttention(nn.Module):
             key_pos[: per_frame // 2] = sum(SPEAKER1_RANGE) / 2
             k = rope_1d(k.flatten(1, 2), key_pos.repeat(num_frames)).unflatten(1, (num_frames, per_frame))
         q = q.unflatten(1, (num_frames, -1)).flatten(0, 1)  # [B*T, S, H, D]
-        out = dispatch_attention_fn(q, k.flatten(0, 1), v.flatten(0, 1), backend=self._attention_backend)
+        if self._kernel is not None:
+            out = self._kernel(q, k.flatten(0, 1), v.flatten(0, 1))
+        else:
+            out = dispatch_attention_fn(q, k.flatten(0, 1), v.flatten(0, 1), backend=self._attention_backend)
         return self.proj(out.flatten(2).reshape(batch, length, dim))
 
 
@@ -289,9 +298,18 @@ class InfiniteTalkTransformer(WanTransformer3DModel):
         return model
 
     def set_attention_backend(self, backend: str) -> None:
-        super().set_attention_backend(backend)
+        """A diffusers dispatcher backend name, or one of ours (`attention_kernels.KERNELS`), for every attention:
+        self, text/image cross and audio cross."""
+        from .attention_kernels import KERNELS
+
+        kernel = KERNELS.get(backend)
+        super().set_attention_backend("native" if kernel else backend)
         for block in self.blocks:
+            for processor in (block.attn1.processor, block.attn2.processor):
+                processor._kernel = kernel
             block.audio_cross_attn._attention_backend = block.attn1.processor._attention_backend
+            block.audio_cross_attn._kernel = kernel
+        self.attention_kernel = backend
 
     def forward(
         self,

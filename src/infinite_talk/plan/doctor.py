@@ -15,7 +15,7 @@ from ..options import LoadOptions
 from .planner import resolve
 from .probe import KERNELS, SIMULATED, Capabilities, probe, simulated
 
-OPTION_FIELDS = ("model_precision", "vae_precision", "quantization", "attention")
+OPTION_FIELDS = ("model_precision", "vae_precision", "quantization", "t5_quantization", "attention")
 
 
 def _gib(x: float | None) -> str:

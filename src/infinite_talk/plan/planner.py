@@ -9,12 +9,15 @@ Decisions (documented here because they are product behaviour):
 - model/vae precision bf16 and fp16 run on CPU (torch has CPU kernels for both; slow without native bf16/fp16
   instructions) and are kept as requested: the effective dtype is what runs. bf16 on a GPU below sm_80 is refused
   (no bf16 tensor cores: emulated and unsupported by the fused attention kernels).
-- quantization=fp8 means fp8 e4m3 weights. It resolves to `fp8-compute` (real fp8 GEMMs via torch._scaled_mm) on
-  CUDA sm >= 8.9 when the _scaled_mm micro-test passed, else to `fp8-storage` (weights stored in fp8, upcast to the
-  compute dtype per layer: memory only). The plan says which, and why.
+- quantization=fp8 means fp8 e4m3 weights with per-row scales (torchao). It resolves to `fp8-compute` (fp8
+  activations too, real fp8 GEMMs via torch._scaled_mm) on CUDA sm >= 8.9 with bf16/fp16 compute when torchao's
+  fp8 micro-test passed, else to `fp8-storage` (weights stored in fp8, upcast to the compute dtype per layer: memory
+  only). The plan says which, and why.
+- quantization=nf4 uses torchao's NF4 tensor (the QLoRA format bitsandbytes also uses), which runs on CPU and GPU, so
+  it is tested here; bitsandbytes is not used (CUDA-only kernels, not testable in CI).
 - attention=auto never picks 8-bit/4-bit attention (sageattn, sageattn_3): their quality is not yet checked on the
   golden clip (OPTIONS §2.6), so they run only when requested. Orders (fastest first, PERFORMANCE.md §3/§8):
-  Hopper: flash_attn_3 > sdpa-cudnn > sdpa-flash > flash_attn_2 > sdpa-efficient > sdpa-math;
+  Hopper: flash_attn_3 (flash_attn_interface, else the fa3-fwd wheel) > sdpa-cudnn > sdpa-flash > flash_attn_2 > sdpa-efficient > sdpa-math;
   Blackwell (no FA3 there): sdpa-cudnn > sdpa-flash > flash_attn_2 > ...;
   Ampere/Ada: sdpa-flash > flash_attn_2 > sdpa-cudnn > ... (inferred: cuDNN attention is only measured on Hopper).
 - fp32 compute on CUDA uses SDPA's efficient kernel (cuDNN/flash/FA/Sage have no fp32 path), else math.
@@ -58,7 +61,8 @@ NEEDS = {
                     "hopper/, or the fa3-fwd wheel)",
     "sageattn": "a CUDA GPU with sm >= 8.0, bf16/fp16 compute and sageattention >= 2.1.1 (SageAttention2)",
     "sageattn_3": "a Blackwell GPU (sm_100/sm_120/sm_121), CUDA >= 12.8 and the sageattn3 package",
-    "nf4": "a CUDA GPU and bitsandbytes (NF4 4-bit weights)",
+    "nf4": "torchao >= 0.15 (NF4 4-bit weights)",
+    "fp8": "torchao >= 0.15 (fp8 weights) and torch float8_e4m3fn",
     "fp4": "a Blackwell GPU (sm_100/sm_120/sm_121) with torchao NVFP4 kernels and model_precision bf16",
     "int8": "torchao >= 0.15 (int8 weight-only)",
 }
@@ -83,6 +87,7 @@ class Plan:
     model_dtype: str  # torch dtype name: "bfloat16" | "float16" | "float32"
     vae_dtype: str
     quantization: str  # "disabled" | "fp8-compute" | "fp8-storage" | "int8-weight-only" | "nf4" | "nvfp4"
+    t5_quantization: str  # "disabled" | "fp8-storage"
     attention_kernel: str  # key of ATTENTION_BACKENDS
     attention_backend: str
     attention_provider: str  # "diffusers" | "infinite_talk"
@@ -186,29 +191,34 @@ def _resolve_quantization(requested: str, caps: Capabilities, device: str, preci
     if requested == "disabled":
         return Resolved("disabled", "disabled", f"transformer weights in {precision}")
     if requested == "fp8":
-        if not _ok(caps, "fp8_storage"):
-            raise _refuse("quantization", "fp8", "torch float8_e4m3fn support",
-                          _have(caps, device, "fp8_storage"))
-        storage = f"fp8 e4m3 weights upcast to {precision} per layer: weight storage only, saves memory, not time"
+        if not _ok(caps, "torchao_fp8_wo"):
+            raise _refuse("quantization", "fp8", NEEDS["fp8"], _have(caps, device, "torchao_fp8_wo"))
+        storage = (f"fp8 e4m3 weights with per-row scales (torchao Float8WeightOnlyConfig), upcast to {precision} "
+                   "per layer: weight storage only, saves memory, not time")
         if sm is None:
             return Resolved("fp8", "fp8-storage", f"{storage}; no fp8 matmuls on CPU")
         if sm < (8, 9):
             return Resolved("fp8", "fp8-storage",
                             f"{storage}; fp8 matmuls need sm >= 8.9 and this GPU is {caps.gpu.sm}")
-        if not _ok(caps, "scaled_mm_fp8"):
-            return Resolved("fp8", "fp8-storage",
-                            f"{storage}; torch._scaled_mm unavailable: {caps.kernel('scaled_mm_fp8').reason}")
+        if precision == "fp32":
+            return Resolved("fp8", "fp8-storage", f"{storage}; fp8 matmuls take bf16/fp16 activations, "
+                                                  "model_precision is fp32")
+        if not _ok(caps, "torchao_fp8_dynamic"):
+            return Resolved("fp8", "fp8-storage", f"{storage}; fp8 matmuls unavailable: "
+                                                  f"{caps.kernel('torchao_fp8_dynamic').reason}")
         return Resolved("fp8", "fp8-compute",
-                        f"fp8 e4m3 weights and real fp8 matmuls (torch._scaled_mm) on {caps.gpu.sm}")
+                        "fp8 e4m3 weights and activations with per-row scales, real fp8 matmuls (torchao "
+                        f"Float8DynamicActivationFloat8WeightConfig, torch._scaled_mm) on {caps.gpu.sm}")
     if requested == "int8":
         if not _ok(caps, "torchao_int8_wo"):
             raise _refuse("quantization", "int8", NEEDS["int8"], _have(caps, device, "torchao_int8_wo"))
         return Resolved("int8", "int8-weight-only",
                         "torchao int8 weight-only, Int8WeightOnlyConfig: saves memory, not time")
     if requested == "nf4":
-        if sm is None or not _ok(caps, "bnb_nf4"):
-            raise _refuse("quantization", "nf4", NEEDS["nf4"], _have(caps, device, "bnb_nf4" if sm else None))
-        return Resolved("nf4", "nf4", f"bitsandbytes NF4 weights, compute in {precision}: saves memory, not time")
+        if not _ok(caps, "torchao_nf4"):
+            raise _refuse("quantization", "nf4", NEEDS["nf4"], _have(caps, device, "torchao_nf4"))
+        return Resolved("nf4", "nf4", f"torchao NF4 4-bit weights (block 64), upcast to {precision} per layer: "
+                                      "saves memory, not time")
     if requested == "fp4":
         if sm is None or sm not in BLACKWELL_SMS or not _ok(caps, "torchao_nvfp4"):
             raise _refuse("quantization", "fp4", NEEDS["fp4"],
@@ -220,9 +230,18 @@ def _resolve_quantization(requested: str, caps: Capabilities, device: str, preci
     raise OptionError(f"quantization: unknown value {requested!r}")
 
 
+def _resolve_t5_quantization(requested: str, caps: Capabilities, device: str) -> Resolved:
+    if requested == "disabled":
+        return Resolved("disabled", "disabled", "umT5 weights in bf16 on GPU, fp32 on CPU")
+    if not _ok(caps, "torchao_fp8_wo"):
+        raise _refuse("t5_quantization", "fp8", NEEDS["fp8"], _have(caps, device, "torchao_fp8_wo"))
+    return Resolved("fp8", "fp8-storage", "umT5 Linear weights in fp8 e4m3 with per-row scales (torchao "
+                                          "Float8WeightOnlyConfig), upcast per layer: memory only")
+
+
 def _attention_order(sm: tuple[int, int]) -> list[str]:
     if sm == (9, 0):
-        return ["flash_attn_3", "sdpa-cudnn", "sdpa-flash", "flash_attn_2", "sdpa-efficient", "sdpa-math"]
+        return ["flash_attn_3", "fa3_fwd", "sdpa-cudnn", "sdpa-flash", "flash_attn_2", "sdpa-efficient", "sdpa-math"]
     if sm >= (9, 0):
         return ["sdpa-cudnn", "sdpa-flash", "flash_attn_2", "sdpa-efficient", "sdpa-math"]
     if sm >= (8, 0):
@@ -322,6 +341,7 @@ def resolve(load_options: LoadOptions, caps: Capabilities) -> Plan:
     model = _resolve_precision("model_precision", load_options.model_precision, caps, device)
     vae = _resolve_precision("vae_precision", load_options.vae_precision, caps, device)
     quant = _resolve_quantization(load_options.quantization, caps, device, model.effective)
+    t5_quant = _resolve_t5_quantization(load_options.t5_quantization, caps, device)
     attn, kernel = _resolve_attention(load_options.attention, caps, device, model.effective)
     backend, provider = ATTENTION_BACKENDS[kernel]
     return Plan(
@@ -329,10 +349,11 @@ def resolve(load_options: LoadOptions, caps: Capabilities) -> Plan:
         model_dtype=DTYPES[model.effective],
         vae_dtype=DTYPES[vae.effective],
         quantization=quant.effective,
+        t5_quantization=t5_quant.effective,
         attention_kernel=kernel,
         attention_backend=backend,
         attention_provider=provider,
         options={"device": dev, "model_precision": model, "vae_precision": vae, "quantization": quant,
-                 "attention": attn},
+                 "t5_quantization": t5_quant, "attention": attn},
         machine=caps.summary(),
     )

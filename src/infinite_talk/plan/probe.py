@@ -11,7 +11,8 @@ Micro-tests (all on cuda:0 when a GPU is present, else on the CPU):
   relative L2 error below 1e-2 for bf16 kernels, 5e-2 for SageAttention2 (int8/fp8), 0.25 for SageAttention3 (fp4);
   L = 128 rather than 64 because SageAttention3 works on 128-token blocks.
 - `torch._scaled_mm`: fp8 e4m3 32x32 tiles, tensorwise scales, against the float32 product of the same fp8 values.
-- torchao / bitsandbytes: a 128x128 bf16 Linear quantized in place, against its unquantized output.
+- torchao (int8, fp8 weight-only, fp8 dynamic, NF4, NVFP4): a 128x128 bf16 Linear quantized in place, against its
+  unquantized output.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ KERNELS: dict[str, str] = {
     "sageattn": "SageAttention2 (sageattention >= 2.1.1, diffusers 'sage')",
     "sageattn_3": "SageAttention3 FP4 (sageattn3, Blackwell)",
     "scaled_mm_fp8": "torch._scaled_mm fp8 e4m3 GEMM",
-    "fp8_storage": "fp8 e4m3 weight storage (cast + upcast)",
+    "torchao_fp8_wo": "torchao float8 weight-only (fp8 e4m3 storage, per-row scales, upcast GEMM)",
     "torchao_int8_wo": "torchao int8 weight-only",
     "torchao_fp8_dynamic": "torchao float8 dynamic activation + weight (rowwise)",
     "torchao_nvfp4": "torchao NVFP4 dynamic activation + weight",
-    "bnb_nf4": "bitsandbytes NF4 4-bit weights",
+    "torchao_nf4": "torchao NF4 4-bit weights (NormalFloat, block 64)",
     "cpu_bf16": "bf16 matmul on the CPU",
     "cpu_fp16": "fp16 matmul on the CPU",
     "triton": "Triton (torch.compile, Triton kernels); import only",
@@ -302,6 +303,10 @@ def _import(module: str, package: str, version: str | None):
     if importlib.util.find_spec(module) is None:
         raise _Unmet(f"package {package} not installed", version)
     try:
+        if module == "torchao":  # torchao prints about CUDA-only .so files it cannot load; keep the table clean
+            from ..models.quantize import import_torchao
+
+            return import_torchao()
         return importlib.import_module(module)
     except Exception as err:
         raise _Unmet(f"package {package} does not import: {_one_line(err)}", version) from err
@@ -441,21 +446,6 @@ def _check_scaled_mm(caps: Capabilities):
     return version, f"micro-test passed on cuda:0 (e4m3 32x32 tensorwise, {_compare(out, ref, 1e-2, '_scaled_mm')})"
 
 
-def _check_fp8_storage(caps: Capabilities):
-    import torch
-
-    version = torch.__version__
-    if not hasattr(torch, "float8_e4m3fn"):
-        raise _Unmet(f"torch {version} has no float8_e4m3fn dtype", version)
-    dev = _dev(caps)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    w = torch.randn(64, 64, generator=g).to(dev, torch.bfloat16)
-    x = torch.randn(8, 64, generator=g).to(dev, torch.bfloat16)
-    out = x @ w.to(torch.float8_e4m3fn).to(torch.bfloat16).t()
-    ref = x.float() @ w.float().t()
-    return version, f"micro-test passed on {dev} (e4m3 store + bf16 upcast, {_compare(out, ref, 0.08, 'fp8 cast')})"
-
-
 def _tiny_linear(dev: str):
     import torch
 
@@ -475,6 +465,8 @@ def _torchao_check(config: str, tol: float, gpu: dict[str, Any] | None):
             raise _Unmet(f"torchao {version} installed; diffusers 0.42 needs >= 0.15", version)
         if config == "nvfp4":
             from torchao.prototype.mx_formats import NVFP4DynamicActivationNVFP4WeightConfig as cfg
+        elif config == "NF4WeightOnlyConfig":
+            from torchao.prototype._nf4tensor_api import NF4WeightOnlyConfig as cfg
         else:
             q = importlib.import_module("torchao.quantization")
             cfg = getattr(q, config)
@@ -492,20 +484,6 @@ def _torchao_check(config: str, tol: float, gpu: dict[str, Any] | None):
         return version, f"micro-test passed on {dev} (128x128 Linear, {_compare(out, ref, tol, config)})"
 
     return check
-
-
-def _check_bnb_nf4(caps: Capabilities):
-    import torch
-
-    version = _dist_version("bitsandbytes")
-    _need_gpu(caps, version=version)
-    bnb = _import("bitsandbytes", "bitsandbytes", version)
-    lin, x, ref = _tiny_linear("cpu")
-    q = bnb.nn.Linear4bit(128, 128, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-    q.weight = bnb.nn.Params4bit(lin[0].weight.data.clone(), requires_grad=False, quant_type="nf4")
-    q = q.to("cuda:0")
-    out = q(x.to("cuda:0"))
-    return version, f"micro-test passed on cuda:0 (128x128 Linear4bit, {_compare(out.cpu(), ref, 0.15, 'nf4')})"
 
 
 def _cpu_matmul_check(dtype_name: str):
@@ -542,12 +520,12 @@ _CHECKS = {
     "sageattn": _check_sageattn,
     "sageattn_3": _check_sageattn_3,
     "scaled_mm_fp8": _check_scaled_mm,
-    "fp8_storage": _check_fp8_storage,
+    "torchao_fp8_wo": _torchao_check("Float8WeightOnlyConfig", 0.08, None),
     "torchao_int8_wo": _torchao_check("Int8WeightOnlyConfig", 2e-2, None),
     "torchao_fp8_dynamic": _torchao_check("Float8DynamicActivationFloat8WeightConfig", 0.1,
                                           {"what": "a CUDA GPU with sm >= 8.9", "min_sm": (8, 9)}),
     "torchao_nvfp4": _torchao_check("nvfp4", 0.3, {"what": "a Blackwell GPU", "sms": BLACKWELL_SMS}),
-    "bnb_nf4": _check_bnb_nf4,
+    "torchao_nf4": _torchao_check("NF4WeightOnlyConfig", 0.15, None),
     "cpu_bf16": _cpu_matmul_check("bfloat16"),
     "cpu_fp16": _cpu_matmul_check("float16"),
     "triton": _import_only("triton", "triton"),
@@ -558,7 +536,7 @@ assert set(_CHECKS) == set(KERNELS)
 
 # ---- simulated machines (tests, `doctor --simulate`) ---------------------------------------------------------------
 _TORCH_BUILTIN_CUDA = {"sdpa_math": True, "sdpa_efficient": True, "sdpa_flash": True, "sdpa_cudnn": True,
-                       "fp8_storage": True, "cpu_bf16": True, "cpu_fp16": True, "triton": True}
+                       "cpu_bf16": True, "cpu_fp16": True, "triton": True}
 _SOFTWARE = {"python_version": "3.12.3", "torch_version": "2.11.0+cu130", "cuda_version": "13.0",
              "cudnn_version": "9.13.0", "driver_version": "580.65.06", "host_ram_gib": 125.8,
              "host_ram_available_gib": 110.0}
@@ -566,7 +544,7 @@ _SOFTWARE = {"python_version": "3.12.3", "torch_version": "2.11.0+cu130", "cuda_
 
 # hardware gates of the GPU-only checks (as in the checks above), for the reasons of simulated missing entries
 _GATES: dict[str, dict[str, Any]] = {
-    "sdpa_efficient": {}, "sdpa_cudnn": {}, "bnb_nf4": {},
+    "sdpa_efficient": {}, "sdpa_cudnn": {},
     "flash_attn_2": {"what": "a CUDA GPU with sm >= 8.0", "min_sm": (8, 0)},
     "sageattn": {"what": "a CUDA GPU with sm >= 8.0", "min_sm": (8, 0)},
     "flash_attn_3": {"what": "a Hopper GPU", "sms": ((9, 0),)},
@@ -578,14 +556,15 @@ _GATES: dict[str, dict[str, Any]] = {
 }
 _PACKAGE = {"flash_attn_2": "flash-attn", "flash_attn_3": "flash_attn_3", "fa3_fwd": "fa3-fwd",
             "sageattn": "sageattention", "sageattn_3": "sageattn3", "torchao_int8_wo": "torchao",
-            "torchao_fp8_dynamic": "torchao", "torchao_nvfp4": "torchao", "bnb_nf4": "bitsandbytes"}
+            "torchao_fp8_dynamic": "torchao", "torchao_nvfp4": "torchao", "torchao_fp8_wo": "torchao",
+            "torchao_nf4": "torchao"}
 
 
 def _sim(name: str, gpu_name: str | None, cc: tuple[int, int] | None, mem: float | None, extra: dict[str, bool],
          **software: Any) -> dict[str, Any]:
     gpus = [] if gpu_name is None else [{"name": gpu_name, "capability": cc, "total_memory_gib": mem,
                                          "free_memory_gib": round(mem - 0.6, 1)}]
-    kernels = dict(_TORCH_BUILTIN_CUDA) if gpus else {"sdpa_math": True, "sdpa_flash": True, "fp8_storage": True,
+    kernels = dict(_TORCH_BUILTIN_CUDA) if gpus else {"sdpa_math": True, "sdpa_flash": True,
                                                        "cpu_bf16": True, "cpu_fp16": True}
     kernels.update(extra)
     base = {**_SOFTWARE, **software}
@@ -595,22 +574,26 @@ def _sim(name: str, gpu_name: str | None, cc: tuple[int, int] | None, mem: float
 
 
 SIMULATED: dict[str, dict[str, Any]] = {
-    "cpu": _sim("cpu", None, None, None, {}),
+    "cpu": _sim("cpu", None, None, None, {"torchao_int8_wo": True, "torchao_fp8_wo": True, "torchao_nf4": True}),
+    "cpu-bare": _sim("cpu-bare", None, None, None, {}),
     "h100-bare": _sim("h100-bare", "NVIDIA H100 80GB HBM3", (9, 0), 79.2, {"scaled_mm_fp8": True}),
     "h100": _sim("h100", "NVIDIA H100 80GB HBM3", (9, 0), 79.2,
                  {"scaled_mm_fp8": True, "flash_attn_2": True, "flash_attn_3": True, "fa3_fwd": True,
-                  "sageattn": True, "torchao_int8_wo": True, "torchao_fp8_dynamic": True, "bnb_nf4": True,
+                  "sageattn": True, "torchao_int8_wo": True, "torchao_fp8_dynamic": True, "torchao_nf4": True,
+                  "torchao_fp8_wo": True,
                   "gguf": True}),
     "h100-fa3fwd": _sim("h100-fa3fwd", "NVIDIA H100 80GB HBM3", (9, 0), 79.2,
-                        {"scaled_mm_fp8": True, "fa3_fwd": True, "torchao_int8_wo": True}),
+                        {"scaled_mm_fp8": True, "fa3_fwd": True, "torchao_int8_wo": True, "torchao_fp8_wo": True,
+                         "torchao_fp8_dynamic": True}),
     "a100": _sim("a100", "NVIDIA A100-SXM4-80GB", (8, 0), 79.2,
-                 {"flash_attn_2": True, "sageattn": True, "torchao_int8_wo": True, "bnb_nf4": True},
+                 {"flash_attn_2": True, "sageattn": True, "torchao_int8_wo": True, "torchao_nf4": True, "torchao_fp8_wo": True},
                  cuda_version="12.8"),
     "rtx5090": _sim("rtx5090", "NVIDIA GeForce RTX 5090", (12, 0), 31.4,
                     {"scaled_mm_fp8": True, "sageattn": True, "sageattn_3": True, "torchao_int8_wo": True,
-                     "torchao_fp8_dynamic": True, "torchao_nvfp4": True, "bnb_nf4": True}),
+                     "torchao_fp8_dynamic": True, "torchao_nvfp4": True, "torchao_nf4": True, "torchao_fp8_wo": True}),
     "b200": _sim("b200", "NVIDIA B200", (10, 0), 178.4,
-                 {"scaled_mm_fp8": True, "torchao_int8_wo": True, "torchao_fp8_dynamic": True}),
+                 {"scaled_mm_fp8": True, "torchao_int8_wo": True, "torchao_fp8_dynamic": True,
+                  "torchao_fp8_wo": True}),
 }
 
 

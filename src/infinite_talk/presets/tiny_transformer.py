@@ -123,3 +123,21 @@ def fp8_scaled(state: dict) -> tuple[dict, dict]:
             file_tensors[key] = value
             dequantised[key] = value
     return file_tensors, dequantised
+
+
+def random_transformer_inputs(geometry: Geometry, persons: int = 1, frames: int = 2, h: int = 4, w: int = 4,
+                              seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Keyword inputs for one transformer forward (latent frames x h x w tokens), random but reproducible."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = geometry.dit
+    f = 4 * (frames - 1) + 1
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, frames, h, w, generator=g),
+        timestep=torch.tensor([700.0]),
+        encoder_hidden_states=torch.randn(1, 7, cfg.text_dim, generator=g),
+        encoder_hidden_states_image=torch.randn(1, 5, cfg.image_dim, generator=g),
+        condition=torch.randn(1, 20, frames, h, w, generator=g),
+        audio=torch.randn(persons, f, 5, cfg.audio_layers, cfg.audio_dim, generator=g),
+        ref_target_masks=torch.ones(3, h, w),
+    )
+    return {k: v.to(dtype) if v.is_floating_point() and k != "timestep" else v for k, v in inputs.items()}
