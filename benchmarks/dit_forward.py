@@ -1,6 +1,7 @@
 """Seconds per InfiniteTalk transformer forward at the real shapes, with random weights, against the card's matmul rate.
 
     python benchmarks/dit_forward.py --config 14b --size 480 --out dit.json      # GPU
+    python benchmarks/dit_forward.py --quantization fp8-compute --attention fa3_fwd  # fp8 GEMMs + FA3
     python benchmarks/dit_forward.py --config tiny --device cpu                  # smoke test, seconds
 
 Reports the median of warm runs (CUDA events on GPU), achieved TFLOP/s from the FLOP count, the bf16 matmul rate
@@ -11,14 +12,17 @@ weight values, so the weights are random (no checkpoint needed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 
 import torch
 from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 
 from infinite_talk.models.configs import GEOMETRIES
+from infinite_talk.models.quantize import quantize_transformer
 from infinite_talk.models.transformer import InfiniteTalkTransformer
 from infinite_talk.models.transformer_loading import keeps_fp32
 
@@ -62,13 +66,72 @@ def matmul_rate(device, dtype) -> float:
     return 2 * n**3 / statistics.median(timed(lambda: a @ b, device, 10)) / 1e12
 
 
+def fp8_matmul_rate(device) -> float | None:
+    """torch._scaled_mm e4m3 x e4m3 -> bf16 at 8192^3 (None where there are no fp8 GEMMs)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device=device)
+
+    def mm():
+        return torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+    timed(mm, device, 3)
+    return 2 * n**3 / statistics.median(timed(mm, device, 10)) / 1e12
+
+
+def build_model(cfg, device, dtype, attention: str = "native", quantization: str = "disabled",
+                layers: int | None = None, seed: int = 0) -> InfiniteTalkTransformer:
+    """The transformer with random weights (same for the same seed), as the loader leaves it: time MLPs, modulation,
+    norms and head in fp32, the rest in `dtype`, then quantized and given its attention backend."""
+    if layers is not None:
+        cfg = dataclasses.replace(cfg, num_layers=layers)
+    with init_empty_weights():
+        model = InfiniteTalkTransformer.from_dit_config(cfg)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():  # drawn in fp32 one tensor at a time, then cast: same values for every dtype, low peak
+        for name, p in list(model.named_parameters()):
+            value = torch.empty(p.shape, device=device).normal_(0.0, 0.02 if p.ndim > 1 else 0.1, generator=gen)
+            target = torch.float32 if keeps_fp32(name) else dtype
+            set_module_tensor_to_device(model, name, device, value=value.to(target), dtype=target)
+        model.rope.__init__(cfg.head_dim, (1, 2, 2), cfg.rope_max_seq_len)  # buffers were left empty
+        model.rope.to(device)
+    quantize_transformer(model, quantization, device)
+    model.set_attention_backend(attention)
+    return model.eval().requires_grad_(False)
+
+
+def make_inputs(cfg, device, frames: int, lat_h: int, lat_w: int, speakers: int = 1, seed: int = 0) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    video_frames = 4 * (frames - 1) + 1
+    return dict(
+        hidden_states=torch.randn(1, 16, frames, lat_h, lat_w, generator=g).to(device),
+        timestep=torch.tensor([900.0], device=device),
+        encoder_hidden_states=torch.randn(1, 40, cfg.text_dim, generator=g).to(device),
+        encoder_hidden_states_image=torch.randn(1, 257, cfg.image_dim, generator=g).to(device),
+        condition=torch.randn(1, 20, frames, lat_h, lat_w, generator=g).to(device),
+        audio=torch.randn(speakers, video_frames, 5, cfg.audio_layers, cfg.audio_dim, generator=g).to(device),
+        ref_target_masks=torch.ones(3, lat_h, lat_w, device=device),
+    )
+
+
+def grid(config: str, size: int) -> tuple[int, int, int]:
+    return LATENT_GRIDS[size] if config == "14b" else (3, 8, 8)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=sorted(GEOMETRIES), default="14b")
     parser.add_argument("--size", type=int, choices=sorted(LATENT_GRIDS), default=480)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--attention", default="native", help="diffusers attention backend name")
+    parser.add_argument("--attention", default="native",
+                        help="diffusers attention backend name, or one of ours (fa3_fwd, sageattn3)")
+    parser.add_argument("--quantization", default="disabled",
+                        choices=["disabled", "fp8-compute", "fp8-storage", "int8-weight-only", "nf4"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--speakers", type=int, choices=[1, 2], default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--out")
@@ -78,32 +141,12 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     geometry = GEOMETRIES[args.config]
     cfg = geometry.dit
-    frames, lat_h, lat_w = LATENT_GRIDS[args.size] if args.config == "14b" else (3, 8, 8)
-    with init_empty_weights():
-        model = InfiniteTalkTransformer.from_dit_config(cfg)
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02 if p.ndim > 1 else 0.1)
-        model.rope.__init__(cfg.head_dim, (1, 2, 2), cfg.rope_max_seq_len)  # buffers were left empty
-        model.rope.to(device)
-    for name, p in model.named_parameters():  # as the loader does: time MLPs, modulation, norms, head stay fp32
-        if not keeps_fp32(name):
-            p.data = p.data.to(dtype)
-    model.set_attention_backend(args.attention)
-    model.eval().requires_grad_(False)
-
-    g = torch.Generator(device="cpu").manual_seed(0)
-    video_frames = 4 * (frames - 1) + 1
-    inputs = dict(
-        hidden_states=torch.randn(1, 16, frames, lat_h, lat_w, generator=g).to(device),
-        timestep=torch.tensor([900.0], device=device),
-        encoder_hidden_states=torch.randn(1, 40, cfg.text_dim, generator=g).to(device),
-        encoder_hidden_states_image=torch.randn(1, 257, cfg.image_dim, generator=g).to(device),
-        condition=torch.randn(1, 20, frames, lat_h, lat_w, generator=g).to(device),
-        audio=torch.randn(args.speakers, video_frames, 5, cfg.audio_layers, cfg.audio_dim, generator=g).to(device),
-        ref_target_masks=torch.ones(3, lat_h, lat_w, device=device),
-    )
+    frames, lat_h, lat_w = grid(args.config, args.size)
+    model = build_model(cfg, device, dtype, args.attention, args.quantization)
+    if args.compile:
+        for block in model.blocks:
+            block.compile()
+    inputs = make_inputs(cfg, device, frames, lat_h, lat_w, args.speakers)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
@@ -112,13 +155,16 @@ def main() -> None:
     seconds = statistics.median(runs)
     flops = forward_flops(cfg, frames, lat_h, lat_w, 257 + cfg.text_len)
     rate = matmul_rate(device, dtype)
+    fp8_rate = fp8_matmul_rate(device)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "config": args.config, "size": args.size, "dtype": args.dtype, "attention": args.attention,
+        "quantization": args.quantization, "compile": args.compile,
         "speakers": args.speakers, "tokens": frames * (lat_h // 2) * (lat_w // 2),
         "first_call_s": round(first, 4), "runs_s": [round(r, 4) for r in runs], "seconds_per_forward": round(seconds, 4),
         "pflop": round(flops / 1e15, 4), "achieved_tflops": round(flops / seconds / 1e12, 1),
         "matmul_tflops": round(rate, 1), "ratio_to_matmul": round(flops / seconds / 1e12 / rate, 3),
+        "matmul_tflops_fp8": None if fp8_rate is None else round(fp8_rate, 1),
         "floor_s_at_matmul_rate": round(flops / (rate * 1e12), 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "torch": torch.__version__,

@@ -131,16 +131,17 @@ AUTO_BACKEND = {"cpu": "native", "cpu-bare": "native", "h100-bare": "_native_cud
 
 def _check_plan(plan: Plan, opts: LoadOptions) -> None:
     """A resolved plan is complete and consistent with itself."""
-    assert set(plan.options) == {"device", *FIELDS}
+    assert set(plan.options) >= {"device", "compile", *FIELDS}
     for name, r in plan.options.items():
-        assert r.requested == getattr(opts, name)
+        requested = getattr(opts, name)
+        assert r.requested == ({True: "on", False: "off"}[requested] if name == "compile" else requested)
         assert r.effective and r.reason.strip(), (name, r)
     assert plan.model_dtype == DTYPES[plan.options["model_precision"].effective]
     assert plan.vae_dtype == DTYPES[plan.options["vae_precision"].effective]
     assert plan.quantization == plan.options["quantization"].effective
     assert (plan.attention_backend, plan.attention_provider) == ATTENTION_BACKENDS[plan.attention_kernel]
     json.dumps(plan.to_dict())
-    assert len(plan.lines()) == 6 and all(" → " in line for line in plan.lines())
+    assert len(plan.lines()) == len(plan.options) and all(" → " in line for line in plan.lines())
 
 
 @pytest.mark.parametrize("machine", list(SIMULATED))
@@ -343,3 +344,31 @@ def test_doctor_report_and_main(capsys):
     assert main(["--json", "--simulate", "rtx5090"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["capabilities"]["gpus"][0]["capability"] == [12, 0]
+
+
+def test_a_kernel_that_passed_only_for_bf16_is_not_used_for_fp16():
+    """Seen on an H200: the fa3-fwd wheel runs bf16 but was built without fp16."""
+    fa3 = Kernel(True, "micro-test passed on cuda:0 (bfloat16 rel err 0.0022; float16 failed: RuntimeError: "
+                       "This flash attention build does not support FP16.)", "0.0.3", ("bfloat16",))
+    caps = simulated("h100-fa3fwd", kernels={"fa3_fwd": fa3})
+    assert resolve(LoadOptions(), caps).attention_kernel == "fa3_fwd"
+    plan = resolve(LoadOptions(model_precision="fp16"), caps)
+    assert plan.attention_kernel == "sdpa-cudnn"
+    assert "skipped flash_attn_3: package flash_attn_3 not installed; fa3_fwd: its micro-test passed for bfloat16 " \
+           "only, not float16" in plan.options["attention"].reason
+    with pytest.raises(OptionError, match=r"^attention=flash_attn_3: does not run model_precision fp16 on this "
+                                          r"machine: fa3_fwd: its micro-test passed for bfloat16 only, not float16"):
+        resolve(LoadOptions(model_precision="fp16", attention="flash_attn_3"), caps)
+    # the dtype list survives the JSON round trip (`doctor --json`, simulated machines)
+    again = Capabilities.from_dict(json.loads(json.dumps(caps.to_dict())))
+    assert again.kernel("fa3_fwd").dtypes == ("bfloat16",)
+
+
+def test_compile_runs_on_cuda_with_triton_and_is_refused_on_cpu():
+    assert resolve(LoadOptions(compile=True), simulated("h100")).compile is True
+    assert resolve(LoadOptions(), simulated("h100")).compile is False
+    with pytest.raises(OptionError, match=r"^compile=on: needs a CUDA GPU with Triton .*; this machine has no CUDA GPU"):
+        resolve(LoadOptions(compile=True), simulated("cpu"))
+    with pytest.raises(OptionError, match=r"^compile=on: needs Triton; this machine has NVIDIA H100"):
+        resolve(LoadOptions(compile=True), simulated("h100", kernels={"triton": Kernel(False, "package triton not "
+                                                                                              "installed")}))

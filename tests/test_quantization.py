@@ -5,7 +5,6 @@ every attention module calls."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -20,22 +19,12 @@ from infinite_talk.plan.planner import resolve
 from infinite_talk.plan.probe import probe
 from infinite_talk.presets.tiny_transformer import random_transformer_inputs, random_transformer_state
 
+pytestmark = pytest.mark.usefixtures("cache")  # a fresh tiny-preset cache (conftest)
+
 MATRIX_FIELDS = ("model_precision", "vae_precision", "quantization", "t5_quantization", "attention")
 QUANTIZED_TYPES = {"fp8-storage": "Float8Tensor", "fp8-compute": "Float8Tensor", "int8-weight-only": "Int8Tensor",
                    "nf4": "NF4Tensor"}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("INFINITE_TALK_CACHE")
-    os.environ["INFINITE_TALK_CACHE"] = str(folder)
-    yield folder
-    if old is None:
-        os.environ.pop("INFINITE_TALK_CACHE", None)
-    else:
-        os.environ["INFINITE_TALK_CACHE"] = old
 
 
 def _block_linear_weights(model):

@@ -17,7 +17,7 @@ from .models.checkpoint_io import common_prefix, tensor_infos
 from .models.configs import GEOMETRY_14B, GEOMETRY_TINY, Geometry
 from .options import LoadOptions
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".gguf")
 HUB_REPOS = {
     "wan": "Wan-AI/Wan2.1-I2V-14B-480P",
     "infinitetalk": "MeiGen-AI/InfiniteTalk",

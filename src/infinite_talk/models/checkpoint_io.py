@@ -1,7 +1,8 @@
 """Reading checkpoint files safely: headers first, clear errors, no full copies.
 
 Formats: `.safetensors` (header read without loading tensors), torch pickles (`.pth/.pt/.bin`, loaded with
-`weights_only=True` and memory-mapped where possible) and folders of shards. Every failure is a `CheckpointError`
+`weights_only=True` and memory-mapped where possible), GGUF (recognised by its `GGUF` magic, memory-mapped by the
+`gguf` reader; quantized tensors stay quantized as diffusers `GGUFParameter`s) and folders of shards. Every failure is a `CheckpointError`
 that names the file and says what to do. Classification by keys lives with each component's loader.
 """
 
@@ -28,6 +29,71 @@ class TensorInfo:
 
 def _is_safetensors(path: Path) -> bool:
     return path.suffix == ".safetensors"
+
+
+def is_gguf(path: str | Path) -> bool:
+    """By content: GGUF files start with the magic b"GGUF" whatever their name."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+# GGUF tensor types read as plain tensors; every other supported type stays quantized (diffusers dequantizes it per
+# layer in GGUFLinear). The list is diffusers' SUPPORTED_GGUF_QUANT_TYPES (FORMATS.md §2.3).
+GGUF_PLAIN = ("F32", "F16", "BF16")
+
+
+def _gguf_reader(path: Path):
+    try:
+        from gguf import GGUFReader
+    except ImportError as err:
+        raise CheckpointError(f"{path}: reading GGUF files needs the gguf package (pip install gguf)") from err
+    try:
+        return GGUFReader(str(path))
+    except Exception as err:
+        raise CheckpointError(f"{path}: invalid GGUF file ({type(err).__name__}: {err}); download it again") from err
+
+
+def _gguf_shape(reader, tensor) -> tuple[int, ...]:
+    """Logical (torch-order) shape; >4-D tensors carry their real shape in ComfyUI-GGUF's metadata."""
+    field = reader.fields.get(f"comfy.gguf.orig_shape.{tensor.name}")
+    if field is not None:
+        return tuple(int(field.parts[i][0]) for i in field.data)
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def _gguf_tensors(path: Path):
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+
+    reader = _gguf_reader(path)
+    supported = {t.name for t in SUPPORTED_GGUF_QUANT_TYPES} | set(GGUF_PLAIN)
+    for tensor in reader.tensors:
+        qtype = tensor.tensor_type.name
+        if qtype not in supported:
+            raise CheckpointError(f"{path}: tensor {tensor.name} has GGUF type {qtype}, which cannot be dequantized "
+                                  f"(supported: {', '.join(sorted(supported))}); use another quantization of the model")
+        yield reader, tensor, qtype
+
+
+def _gguf_infos(path: Path) -> dict[str, TensorInfo]:
+    return {t.name: TensorInfo(qtype, _gguf_shape(r, t)) for r, t, qtype in _gguf_tensors(path)}
+
+
+def _iter_gguf(path: Path, keys: set[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    for reader, tensor, qtype in _gguf_tensors(path):
+        if keys is not None and tensor.name not in keys:
+            continue
+        data = torch.from_numpy(tensor.data.copy())
+        if qtype in GGUF_PLAIN:
+            if qtype == "BF16":
+                data = data.view(torch.bfloat16)
+            yield tensor.name, data.reshape(_gguf_shape(reader, tensor))
+        else:
+            yield tensor.name, GGUFParameter(data, quant_type=tensor.tensor_type)
 
 
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -89,8 +155,11 @@ def tensor_infos(path: str | Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: file not found")
     if _is_safetensors(path):
         return read_safetensors_header(path)[0]
+    if is_gguf(path):
+        return _gguf_infos(path)
     if path.suffix == ".gguf":
-        raise CheckpointError(f"{path}: GGUF files are not supported yet; use a .safetensors file")
+        raise CheckpointError(f"{path}: not a GGUF file (no GGUF magic); it may be truncated or mislabelled — "
+                              "download it again")
     sd = load_torch_pickle(path)
     return {k: TensorInfo(str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in sd.items()}
 
@@ -112,8 +181,12 @@ def iter_tensors(path: str | Path, keys: set[str] | None = None) -> Iterator[tup
         except Exception as err:
             raise CheckpointError(f"{path}: cannot read tensors ({err}); the file may be corrupt") from err
         return
+    if is_gguf(path):
+        yield from _iter_gguf(path, keys)
+        return
     if path.suffix == ".gguf":
-        raise CheckpointError(f"{path}: GGUF files are not supported yet; use a .safetensors file")
+        raise CheckpointError(f"{path}: not a GGUF file (no GGUF magic); it may be truncated or mislabelled — "
+                              "download it again")
     for key, value in load_torch_pickle(path).items():
         if keys is None or key in keys:
             yield key, value
@@ -139,7 +212,7 @@ def weight_files(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or folder")
-    files = sorted(path.glob("*.safetensors")) or sorted(
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.gguf")) or sorted(
         p for ext in ("*.pth", "*.pt", "*.bin") for p in path.glob(ext)
     )
     if not files:

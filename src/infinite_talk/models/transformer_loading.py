@@ -6,7 +6,9 @@ Accepted:
 * ComfyUI/Kijai single files, optionally `model.diffusion_model.`-prefixed, with or without the adapter merged in,
   with the wrapper's `multitalk_audio_proj.` rename; bf16/fp16/fp32, fp8 plain (upcast) and fp8 scaled (per-tensor
   `scale_weight`/`weight_scale` applied — never loaded unscaled);
-* the diffusers layout (`transformer/` folder or files with diffusers key names).
+* the diffusers layout (`transformer/` folder or files with diffusers key names);
+* GGUF files (city96 / Kijai, original key names, recognised by the GGUF magic): quantized weights stay quantized
+  in diffusers' `GGUFLinear` (dequantized per layer at compute time), F32/F16/BF16 tensors load as plain tensors.
 
 The model is built on the meta device and each tensor is converted, cast and assigned as it is read, so loading
 never holds two copies of the model. Everything that cannot be loaded correctly is refused with a `CheckpointError`
@@ -25,7 +27,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
 from ..errors import CheckpointError
-from .checkpoint_io import common_prefix, iter_tensors, tensor_infos, weight_files
+from .checkpoint_io import GGUF_PLAIN, common_prefix, is_gguf, iter_tensors, tensor_infos, weight_files
 from .configs import Geometry
 from .transformer import InfiniteTalkTransformer
 
@@ -121,6 +123,13 @@ class FilePlan:
     scales: dict[str, str] = field(default_factory=dict)  # model weight key -> file key of its fp8 scale
     fp8: bool = False
     infos: dict = field(default_factory=dict)  # file key -> TensorInfo (read once from the header)
+    gguf: bool = False
+
+    def gguf_quantized(self) -> dict[str, str]:
+        """model key -> GGUF type of the tensors that stay quantized."""
+        if not self.gguf:
+            return {}
+        return {mk: self.infos[fk].dtype for fk, mk in self.keys.items() if self.infos[fk].dtype not in GGUF_PLAIN}
 
     @property
     def has_adapter(self) -> bool:
@@ -170,7 +179,7 @@ def plan_file(path: Path) -> FilePlan:
     _refuse_other_models(path, set(norm_infos), norm_infos)
 
     diffusers_layout = any(k.startswith("condition_embedder.") or ".attn1." in k for k in norm_infos)
-    plan = FilePlan(path, prefix, "diffusers" if diffusers_layout else "original", infos=infos)
+    plan = FilePlan(path, prefix, "diffusers" if diffusers_layout else "original", infos=infos, gguf=is_gguf(path))
     unknown = []
     for file_key, key in keys.items():
         if key in _IGNORED_KEYS or key.endswith(_IGNORED_SUFFIXES):
@@ -277,12 +286,20 @@ def load_transformer(
 
     with init_empty_weights():
         model = InfiniteTalkTransformer.from_dit_config(geometry.dit)
+    gguf_quantized = {k: q for plan in plans for k, q in plan.gguf_quantized().items() if covered[k] is plan}
+    if gguf_quantized:
+        _use_gguf_linears(model, gguf_quantized, dtype)
     for plan in plans:
         wanted = {fk for fk, mk in plan.keys.items() if covered[mk] is plan}
         scale_keys = set(plan.scales.values())
         scales = dict(iter_tensors(plan.path, scale_keys)) if scale_keys else {}
         for file_key, tensor in iter_tensors(plan.path, wanted):
             name = plan.keys[file_key]
+            if name in gguf_quantized:  # stays quantized: assigned as the GGUFParameter it is
+                module_name, leaf = name.rsplit(".", 1)
+                model.get_submodule(module_name)._parameters[leaf] = type(tensor)(tensor.to(device),
+                                                                                  quant_type=tensor.quant_type)
+                continue
             if name in plan.scales:  # fp8 scaled: W = W_fp8 * scale (per tensor)
                 tensor = tensor.float() * scales[plan.scales[name]].float()
             target = torch.float32 if keeps_fp32(name) else dtype
@@ -290,7 +307,28 @@ def load_transformer(
     model.eval().requires_grad_(False)
     model.loaded_from = [str(p) for p in files]
     model.weights_fp8 = any(p.fp8 for p in plans)
+    model.weights_gguf = sorted(set(gguf_quantized.values()))
     return model
+
+
+def _use_gguf_linears(model: InfiniteTalkTransformer, quantized: dict[str, str], dtype: torch.dtype) -> None:
+    """Swap the Linear layers whose weights arrive GGUF-quantized for diffusers' GGUFLinear (compute in `dtype`)."""
+    import gguf
+    from diffusers.quantizers.gguf.utils import GGUFParameter, _replace_with_gguf_linear
+
+    not_linear = [k for k in quantized if not isinstance(model.get_submodule(k.rsplit(".", 1)[0]), torch.nn.Linear)]
+    if not_linear:
+        raise CheckpointError(f"GGUF-quantized tensors on layers that are not Linear ({', '.join(not_linear[:3])}); "
+                              "this GGUF file was not made for Wan2.1-I2V + InfiniteTalk")
+    # diffusers decides per layer from a state dict of GGUFParameters; empty placeholders carry the types
+    placeholders = {k: GGUFParameter(torch.empty(0, dtype=torch.uint8), quant_type=gguf.GGMLQuantizationType[q])
+                    for k, q in quantized.items()}
+    _replace_with_gguf_linear(model, dtype, placeholders)
+
+
+def is_gguf_checkpoint(transformer: str | Path | list, adapter: str | Path | None = None) -> bool:
+    """Whether any transformer file is GGUF (by content)."""
+    return any(is_gguf(p) for p in resolve_transformer_files(transformer, adapter))
 
 
 def state_dict_in_original_layout(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -64,6 +64,11 @@ class Kernel:
     available: bool
     reason: str
     version: str | None = None
+    dtypes: tuple[str, ...] | None = None  # compute dtypes the micro-test passed for (None: not dtype-specific)
+
+    def runs(self, dtype: str) -> bool:
+        """Available for this torch dtype name ("bfloat16", ...)."""
+        return self.available and (self.dtypes is None or dtype in self.dtypes)
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,7 @@ class Capabilities:
             if isinstance(k, bool):
                 k = Kernel(k, "simulated: available" if k else "simulated: not available")
             elif isinstance(k, dict):
-                k = Kernel(**k)
+                k = Kernel(**{**k, "dtypes": tuple(k["dtypes"]) if k.get("dtypes") else None})
             kernels[key] = k
         data.setdefault("device", "cuda" if gpus else "cpu")
         return cls(gpus=tuple(gpus), kernels=kernels, **data)
@@ -271,8 +276,8 @@ def _run_check(key: str, caps: Capabilities) -> Kernel:
     fn = _CHECKS[key]
     version = None
     try:
-        version, what = fn(caps)
-        return Kernel(True, what, version)
+        version, what, *dtypes = fn(caps)
+        return Kernel(True, what, version, tuple(dtypes[0]) if dtypes else None)
     except _Unmet as err:
         reason, version = err.args[0], (err.args[1] if len(err.args) > 1 else None)
         return Kernel(False, reason, version)
@@ -359,7 +364,34 @@ def _compare(out, ref, tol: float, label: str) -> str:
     return f"rel err {err:.2g}"
 
 
-def _sdpa_check(backend_name: str, cuda_only: bool, dtypes=("bfloat16",)):
+def _per_dtype(dev: str, dtypes: tuple[str, ...], run, tol: float, label: str):
+    """Run an attention micro-test for each compute dtype; (what, passed dtypes), or raise if none passed."""
+    import torch
+
+    results, passed, first_error = [], [], None
+    for dt in dtypes:
+        q, k, v = _qkv(dev, getattr(torch, dt))
+        try:
+            results.append(f"{dt} {_compare(run(q, k, v), _ref_attention(q, k, v), tol, label)}")
+            passed.append(dt)
+        except Exception as err:  # a dtype the kernel does not take is a result, not a crash
+            first_error = first_error or err
+            results.append(f"{dt} failed: {_one_line(err)}")
+    if not passed:
+        raise first_error
+    return f"micro-test passed on {dev} ([1,2,128,128]; {'; '.join(results)})", tuple(passed)
+
+
+def _blhd(fn):
+    """Call a [B, L, H, D] kernel on [B, H, L, D] test tensors."""
+    def run(q, k, v):
+        out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+
+    return run
+
+
+def _sdpa_check(backend_name: str, cuda_only: bool, dtypes=("bfloat16", "float16")):
     def check(caps: Capabilities):
         import torch
         import torch.nn.functional as F
@@ -369,14 +401,14 @@ def _sdpa_check(backend_name: str, cuda_only: bool, dtypes=("bfloat16",)):
         if cuda_only:
             _need_gpu(caps, version=version)
         backend = getattr(SDPBackend, backend_name)
-        dev = _dev(caps)
-        errs = []
-        for dt in dtypes:
-            q, k, v = _qkv(dev, getattr(torch, dt))
+
+        def run(q, k, v):
             with sdpa_kernel([backend]):
-                out = F.scaled_dot_product_attention(q, k, v)
-            errs.append(f"{dt} {_compare(out, _ref_attention(q, k, v), 1e-2, backend_name)}")
-        return version, f"micro-test passed on {dev} ([1,2,128,128]; {', '.join(errs)})"
+                return F.scaled_dot_product_attention(q, k, v)
+
+        # on CPU only bf16 is checked: fp16 SDPA there is slow and the CPU plan never picks a kernel by dtype
+        dev = _dev(caps)
+        return (version, *_per_dtype(dev, dtypes if dev != "cpu" else ("bfloat16",), run, 1e-2, backend_name))
 
     return check
 
@@ -387,10 +419,7 @@ def _check_flash_attn_2(caps: Capabilities):
     mod = _import("flash_attn", "flash-attn", version)
     if _vtuple(version) < _REQUIRED_FLASH_ATTN:
         raise _Unmet(f"flash-attn {version} installed; diffusers needs >= 2.6.3", version)
-    q, k, v = _qkv("cuda:0")
-    out = mod.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    out = (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
-    return version, f"micro-test passed on cuda:0 ({_compare(out, _ref_attention(q, k, v), 1e-2, 'flash_attn')})"
+    return (version, *_per_dtype("cuda:0", ("bfloat16", "float16"), _blhd(mod.flash_attn_func), 1e-2, "flash_attn"))
 
 
 def _fa3_check(module: str, package: str, dists: tuple[str, ...], diffusers_dist: str | None):
@@ -401,10 +430,8 @@ def _fa3_check(module: str, package: str, dists: tuple[str, ...], diffusers_dist
         if diffusers_dist and _dist_version(diffusers_dist) is None:
             raise _Unmet(f"{module} imports but the {diffusers_dist} distribution is not installed, so diffusers' "
                          "_flash_3 backend refuses it", version)
-        q, k, v = _qkv("cuda:0")
-        out = mod.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
-        return version, f"micro-test passed on cuda:0 ({_compare(out, _ref_attention(q, k, v), 1e-2, module)})"
+        # the fa3-fwd wheel is built without fp16 ("This flash attention build does not support FP16", H200)
+        return (version, *_per_dtype("cuda:0", ("bfloat16", "float16"), _blhd(mod.flash_attn_func), 1e-2, module))
 
     return check
 
@@ -416,9 +443,11 @@ def _check_sageattn(caps: Capabilities):
     if _vtuple(version) < _REQUIRED_SAGE:
         raise _Unmet(f"sageattention {version} installed; needs >= 2.1.1 (SageAttention2, built from source)",
                      version)
-    q, k, v = _qkv("cuda:0")
-    out = mod.sageattn(q, k, v, tensor_layout="HND", is_causal=False)
-    return version, f"micro-test passed on cuda:0 ({_compare(out, _ref_attention(q, k, v), 5e-2, 'sageattn')})"
+
+    def run(q, k, v):
+        return mod.sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+
+    return (version, *_per_dtype("cuda:0", ("bfloat16", "float16"), run, 5e-2, "sageattn"))
 
 
 def _check_sageattn_3(caps: Capabilities):
@@ -427,9 +456,11 @@ def _check_sageattn_3(caps: Capabilities):
     if _vtuple(caps.cuda_version) < (12, 8):
         raise _Unmet(f"needs CUDA >= 12.8; torch is built with CUDA {caps.cuda_version}", version)
     mod = _import("sageattn3", "sageattn3", version)
-    q, k, v = _qkv("cuda:0")
-    out = mod.sageattn3_blackwell(q, k, v, per_block_mean=False)
-    return version, f"micro-test passed on cuda:0 ({_compare(out, _ref_attention(q, k, v), 0.25, 'sageattn3')})"
+
+    def run(q, k, v):
+        return mod.sageattn3_blackwell(q, k, v, per_block_mean=False)
+
+    return (version, *_per_dtype("cuda:0", ("bfloat16", "float16"), run, 0.25, "sageattn3"))
 
 
 def _check_scaled_mm(caps: Capabilities):
@@ -510,8 +541,8 @@ def _import_only(module: str, package: str):
 
 
 _CHECKS = {
-    "sdpa_math": _sdpa_check("MATH", cuda_only=False),
-    "sdpa_efficient": _sdpa_check("EFFICIENT_ATTENTION", cuda_only=True, dtypes=("bfloat16", "float32")),
+    "sdpa_math": _sdpa_check("MATH", cuda_only=False, dtypes=("bfloat16", "float16", "float32")),
+    "sdpa_efficient": _sdpa_check("EFFICIENT_ATTENTION", cuda_only=True, dtypes=("bfloat16", "float16", "float32")),
     "sdpa_flash": _sdpa_check("FLASH_ATTENTION", cuda_only=False),
     "sdpa_cudnn": _sdpa_check("CUDNN_ATTENTION", cuda_only=True),
     "flash_attn_2": _check_flash_attn_2,

@@ -125,6 +125,35 @@ def fp8_scaled(state: dict) -> tuple[dict, dict]:
     return file_tensors, dequantised
 
 
+def write_gguf(path: str | Path, original_state: dict, qtype: str = "Q8_0", prefix: str = "") -> Path:
+    """A GGUF file as city96/Kijai publish them: original key names, the 2-D block weights quantized to `qtype`,
+    everything else F32, tensors above 4-D flattened with their shape in `comfy.gguf.orig_shape.<name>`."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    kind = GGMLQuantizationType[qtype]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(str(path), "wan")
+    for key, tensor in original_state.items():
+        name = prefix + key
+        data = tensor.float().numpy()
+        if key.startswith("blocks.") and data.ndim == 2 and data.shape[1] % 32 == 0:
+            packed = quantize(data, kind)
+            writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=kind)
+            continue
+        if data.ndim > 4:
+            writer.add_array(f"comfy.gguf.orig_shape.{name}", list(data.shape))
+            data = data.reshape(data.shape[0], -1)
+        writer.add_tensor(name, np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def random_transformer_inputs(geometry: Geometry, persons: int = 1, frames: int = 2, h: int = 4, w: int = 4,
                               seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Keyword inputs for one transformer forward (latent frames x h x w tokens), random but reproducible."""
