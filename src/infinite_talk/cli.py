@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import get_type_hints
+from typing import get_origin, get_type_hints
 
 from .errors import InfiniteTalkError, InputError
 from .options import GenerateOptions, LoadOptions
@@ -39,6 +39,10 @@ def _add_schema(parser: argparse.ArgumentParser, cls, skip: set[str] = frozenset
                                metavar=("ROW_MIN", "COL_MIN", "ROW_MAX", "COL_MAX"),
                                help=help_text + " (repeat once per speaker)")
             continue
+        if get_origin(kind) is list:  # e.g. --lora A --lora B:0.5
+            group.add_argument(_flag(f.name), dest=f.name, action="append", metavar="VALUE",
+                               help=help_text + " (repeat the flag for several)")
+            continue
         if kind in (bool,) or str(kind) == "bool":
             group.add_argument(_flag(f.name), dest=f.name, action="store_true", help=help_text)
             continue
@@ -50,13 +54,18 @@ def _add_schema(parser: argparse.ArgumentParser, cls, skip: set[str] = frozenset
                            help=f"{help_text} (default: {f.default})" if f.default is not None else help_text)
 
 
-def _build(cls, ns: argparse.Namespace, base: dict | None = None):
+def _values(cls, ns: argparse.Namespace, base: dict | None = None) -> dict:
+    """The values the user gave explicitly (flags set, plus `base`)."""
     values = dict(base or {})
     for f in dataclasses.fields(cls):
         value = getattr(ns, f.name, None)
         if value is not None and value is not False:
             values[f.name] = value
-    return cls(**values).validate()
+    return values
+
+
+def _build(cls, ns: argparse.Namespace, base: dict | None = None):
+    return cls(**_values(cls, ns, base)).validate()
 
 
 def _resolve_path(value: str, json_dir: Path) -> str:
@@ -107,7 +116,8 @@ def _progress_printer():
             return
         last["t"] = now
         print(f"chunk {info['chunk']}/{info['chunks']} · step {info['step']}/{info['steps']} · "
-              f"{info['passes']} passes · elapsed {info['elapsed_s']:.1f}s · ETA {info['eta_s']:.1f}s",
+              f"{info['passes']} passes · elapsed {info['elapsed_s']:.1f}s · ETA {info['eta_s']:.1f}s"
+              + (f" · {info['cache_skips']} forwards skipped by the step cache" if info.get("cache_skips") else ""),
               file=sys.stderr, flush=True)
 
     return show
@@ -115,17 +125,23 @@ def _progress_printer():
 
 def cmd_generate(ns: argparse.Namespace) -> int:
     from .pipeline import InfiniteTalkPipeline
+    from .presets.fast import apply_mode
+    from .presets.fast import plan_lines as mode_lines
 
     base = from_reference_json(ns.input_json) if ns.input_json else {}
-    load = _build(LoadOptions, ns)
-    request = _build(GenerateOptions, ns, base)
+    # a --mode preset fills only the values not given explicitly; the plan shows what it set
+    load_values, generate_values = apply_mode(_values(LoadOptions, ns), _values(GenerateOptions, ns, base))
+    load = LoadOptions(**load_values).validate()
+    request = GenerateOptions(**generate_values).validate()
     pipe = InfiniteTalkPipeline()
     if ns.dry_run:
-        print(json.dumps(pipe.plan_request(request), indent=2))
+        print(json.dumps({**pipe.plan_request(request), "mode_lines": mode_lines(load, request)}, indent=2))
         return 0
     plan = pipe.load_models(load, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print("plan:", file=sys.stderr)
     for line in plan.get("lines", []):
+        print("  " + line, file=sys.stderr)
+    for line in mode_lines(load, request, sampling_only=True):
         print("  " + line, file=sys.stderr)
     for note in plan.get("notes", []):
         print("note: " + note, file=sys.stderr)

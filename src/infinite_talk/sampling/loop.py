@@ -40,6 +40,7 @@ class LoopStats:
     chunks_done: int = 0
     model_calls: int = 0
     calls_per_chunk: list[int] = field(default_factory=list)
+    cache_skips_per_chunk: list[int] = field(default_factory=list)  # model calls whose blocks the step cache skipped
     seconds: dict[str, float] = field(default_factory=lambda: {"encode": 0.0, "denoise": 0.0, "decode": 0.0})
 
 
@@ -48,7 +49,7 @@ class ChunkLoop:
 
     def __init__(self, transformer, vae, image_encoder, sampler_factory: Callable[[], Sampler], *,
                  text_scale: float, audio_scale: float, use_apg: bool = False, color_correct=None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", step_cache=None):
         self.transformer = transformer
         self.vae = vae
         self.image_encoder = image_encoder
@@ -59,14 +60,28 @@ class ChunkLoop:
         self.color_correct = color_correct
         self.device = torch.device(device)
         self.passes = passes_for(text_scale, audio_scale)
+        self.step_cache = step_cache  # sampling.step_cache.StepCache or None
         self.stats = LoopStats()
 
-    def _model_call(self, latent, t, context, clip_tokens, y, audio, masks) -> torch.Tensor:
+    def _model_call(self, latent, t, context, clip_tokens, y, audio, masks, pass_name="cond", step=0,
+                    steps=1) -> torch.Tensor:
         self.stats.model_calls += 1
-        return self.transformer(latent[None], t.reshape(1).to(self.device), context[None], clip_tokens, y[None],
-                                audio, masks)[0]
 
-    def run(
+        def call():
+            return self.transformer(latent[None], t.reshape(1).to(self.device), context[None], clip_tokens, y[None],
+                                    audio, masks)[0]
+
+        return call() if self.step_cache is None else self.step_cache.call(pass_name, step, steps, call)
+
+    def run(self, *args, **kwargs) -> torch.Tensor | None:
+        """See `_run`; the step cache's hooks are removed from the transformer however the run ends."""
+        try:
+            return self._run(*args, **kwargs)
+        finally:
+            if self.step_cache is not None:
+                self.step_cache.remove()
+
+    def _run(
         self,
         plan: ChunkPlan,
         cond: Conditioning,
@@ -119,6 +134,8 @@ class ChunkLoop:
             sampler = self.sampler_factory()
             sampler.reset()
             apg = APGState() if self.use_apg else None
+            if self.step_cache is not None:
+                self.step_cache.start_chunk()
             latent = noise
             calls_before = self.stats.model_calls
             steps = sampler.num_steps
@@ -131,7 +148,8 @@ class ChunkLoop:
                 for name in self.passes:
                     context, pass_audio = inputs[name]
                     pass_masks = masks if pass_audio.shape[0] == 2 else None
-                    preds[name] = self._model_call(latent, t, context, clip_tokens, y, pass_audio, pass_masks)
+                    preds[name] = self._model_call(latent, t, context, clip_tokens, y, pass_audio, pass_masks,
+                                                   name, i, steps)
                 latent = sampler.step(combine(preds, self.text_scale, self.audio_scale, apg), i, latent)
                 latent[:, :n_motion] = motion
                 if progress is not None:
@@ -140,8 +158,10 @@ class ChunkLoop:
                     total = (plan.num_chunks - start_chunk) * steps
                     progress({"chunk": k + 1, "chunks": plan.num_chunks, "step": i + 1, "steps": steps,
                               "passes": len(self.passes), "elapsed_s": elapsed,
+                              "cache_skips": self.step_cache.skipped_this_chunk if self.step_cache else 0,
                               "eta_s": elapsed / done * (total - done)})
             self.stats.calls_per_chunk.append(self.stats.model_calls - calls_before)
+            self.stats.cache_skips_per_chunk.append(self.step_cache.skipped_this_chunk if self.step_cache else 0)
             self.stats.seconds["denoise"] += time.monotonic() - t1
 
             t2 = time.monotonic()
