@@ -19,20 +19,6 @@ AAC_FRAME_S = 1024 / 16000  # decoded AAC may run up to one frame past the cut
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    import os
-
-    folder = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("INFINITE_TALK_CACHE")
-    os.environ["INFINITE_TALK_CACHE"] = str(folder)
-    yield folder
-    if old is None:
-        os.environ.pop("INFINITE_TALK_CACHE", None)
-    else:
-        os.environ["INFINITE_TALK_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
 def pipe(cache):
     p = InfiniteTalkPipeline()
     plan = p.load_models(LoadOptions(preset="tiny", model_precision="fp32", vae_precision="fp32"))

@@ -61,9 +61,37 @@ class LoadOptions:
     attention: str = opt("auto", "attention kernel",
                          choices=("auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattn", "sageattn_3"))
     device: str = opt("auto", "'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'")
+    compile: bool = opt(False, "torch.compile each transformer block (CUDA + Triton): faster forwards after a "
+                               "one-time compile (20 s to 3 min)")
+    offload: str = opt("auto", "transformer weights in host memory: 'none', 'blocks:N' (N of the 40 blocks swapped in "
+                       "per use, copied on a side stream while the previous block runs), 'sequential' (every layer "
+                       "streamed: least GPU memory, slowest) or 'auto' (the fewest copies that fit the free GPU "
+                       "memory, from the memory plan); encoders then leave the GPU after use",
+                       pattern=r"auto|none|sequential|blocks:\d+")
+    vae_tiling: str = opt("auto", "tiled VAE encode/decode: less GPU memory, seams possible; 'auto' tiles only when "
+                          "the memory plan needs it", choices=("auto", "on", "off"))
+    lora: list[str] = opt([], "LoRA file(s) for the transformer (lightx2v, FusioniX, PEFT, kohya...), each 'PATH' "
+                          "or 'PATH:STRENGTH' (strength -10..10, default 1.0)")
+    lora_mode: str = opt("merged", "'merged' adds LoRAs into the weights before quantization (no run-time cost); "
+                         "'unmerged' applies them at run time (removable, also on quantized weights)",
+                         choices=("merged", "unmerged"))
+    mode: str = opt("standard", "'fast': a step-distilled LoRA (--lora) with 4 steps, 1 pass per step and fp8 where "
+                    "this GPU runs fp8 matmuls; values you set yourself win (see presets/fast.py)",
+                    choices=("standard", "fast"))
 
     def validate(self) -> LoadOptions:
         _check_choices(self)
+        from .models.offload import parse_offload
+
+        parse_offload(self.offload)
+        if self.lora:
+            from .models.lora import parse_lora_entries
+
+            parse_lora_entries(self.lora)
+        if self.mode == "fast" and not self.lora:
+            raise OptionError("mode=fast needs a step/CFG-distilled LoRA: pass --lora FILE (e.g. a lightx2v I2V "
+                              "cfg-step-distill LoRA); with an already distilled transformer set --steps 4 "
+                              "--text-scale 1 --audio-scale 1 yourself instead")
         return self
 
 
@@ -87,14 +115,20 @@ class GenerateOptions:
     text_scale: float = opt(5.0, "text guidance scale (1 drops the text pass)", minimum=0.0, maximum=50.0)
     audio_scale: float = opt(4.0, "audio guidance scale (1 with text 1: one pass per step)", minimum=0.0, maximum=50.0)
     use_apg: bool = opt(False, "adaptive projected guidance")
-    seed: int | None = opt(None, "random seed (random when unset; the one used is recorded)")
+    seed: int | None = opt(None, "random seed (random when unset; the one used is recorded)", minimum=0,
+                           maximum=2**63 - 1)
     color_correction: float | None = opt(None, "colour-correction strength against the first reference frame, 0-1 "
                                          "(default: 1 for an image, 0 for a video, whose scenes may change colour)",
                                          minimum=0.0, maximum=1.0)
     max_seconds: float | None = opt(None, "stop after this many seconds of video (default: the whole audio)",
-                                    minimum=0.04)
-    frame_num: int = opt(81, "frames per chunk (4n+1)", minimum=5)
+                                    minimum=0.04, maximum=86400.0)
+    frame_num: int = opt(81, "frames per chunk (4n+1)", minimum=5, maximum=321)
     motion_frames: int = opt(9, "context frames carried between chunks (4k+1)", minimum=1)
+    step_cache: str = opt("off", "skip the transformer blocks on steps whose input barely changed: 'teacache' (the "
+                          "reference's TeaCache, per-pass state) or 'firstblock' (diffusers FirstBlockCache)",
+                          choices=("off", "teacache", "firstblock"))
+    cache_threshold: float | None = opt(None, "step-cache threshold: higher skips more (default 0.2 for teacache, "
+                                        "0.05 for firstblock)", minimum=0.0, maximum=1.0)
     out: str | None = opt(None, "output mp4 path (a JSON sidecar is written next to it)")
 
     @property
@@ -115,6 +149,9 @@ class GenerateOptions:
             raise OptionError(f"frame_num must be 4n+1 (e.g. 81), got {self.frame_num}")
         if (self.motion_frames - 1) % 4 or self.motion_frames >= self.frame_num:
             raise OptionError(f"motion_frames must be 4k+1 and below frame_num, got {self.motion_frames}")
+        if self.cache_threshold is not None and self.step_cache == "off":
+            raise OptionError("cache_threshold has no effect with step_cache off; choose --step-cache teacache or "
+                              "firstblock, or drop the threshold")
         return self
 
 

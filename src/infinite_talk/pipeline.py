@@ -6,11 +6,12 @@ recorded (`requested` vs `effective`). Errors the user can fix are `InfiniteTalk
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,18 +19,22 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import CancelledError, InputError, NotLoadedError
+from .errors import CancelledError, InputError, NotLoadedError, OptionError
 from .media.audio import load_audio, load_audio_original, loudness_normalize
 from .media.color import ColorMatcher, color_correct
 from .media.frames import FrameSource, bucket_for, person_masks, resize_and_centercrop
 from .media.mp4 import Mp4Writer, frames_to_uint8
 from .model_files import ModelFiles, resolve_model_files
 from .models.configs import Geometry
+from .models.lora import apply_loras
 from .options import GenerateOptions, LoadOptions, to_dict
+from .presets.fast import plan_lines as fast_mode_lines
 from .sampling.guidance import passes_for
 from .sampling.loop import ChunkLoop, Conditioning
 from .sampling.schedules import describe as describe_sampler
 from .sampling.schedules import make_sampler
+from .sampling.step_cache import describe as describe_step_cache
+from .sampling.step_cache import make_step_cache
 from .sampling.windows import FPS, plan_chunks
 
 
@@ -41,6 +46,24 @@ class GenerateResult:
     duration_s: float
     seed: int
     sidecar: dict
+
+
+@dataclass
+class ChunkState:
+    """Where a run stands after a finished chunk: enough to continue it with the same frames as an unbroken run.
+
+    `generate(on_checkpoint=f)` calls `f(state, frames)` after every chunk (frames: that chunk's uint8 output frames);
+    `generate(resume=state)` continues from it, with `earlier_frames` = the frames of chunks `0..next_chunk-1` in
+    order (they are muxed again into the new mp4)."""
+
+    next_chunk: int
+    num_chunks: int
+    seed: int
+    frames_written: int
+    generator_state: torch.Tensor  # CPU noise generator after this chunk's draw
+    context_frames: torch.Tensor  # [1,3,motion_frames,H,W] in [-1,1]: the next chunk's (colour-corrected) context
+    stats: dict  # loop statistics so far, so the sidecar counts every chunk of the job
+    earlier_frames: Iterable[np.ndarray] | None = None
 
 
 class InfiniteTalkPipeline:
@@ -66,9 +89,11 @@ class InfiniteTalkPipeline:
         plan = resolve(options, probe())
         device = torch.device(plan.device)
         files, geometry = resolve_model_files(options, say)
+        _refuse_double_quantization(plan, files)
 
         from .models.audio_encoder import load_audio_encoder
         from .models.image_encoder import load_image_encoder
+        from .models.offload import apply_offload, apply_sequential, offload_after_use
         from .models.quantize import quantize_text_encoder, quantize_transformer
         from .models.text_encoder import load_text_encoder
         from .models.transformer_loading import load_transformer
@@ -77,23 +102,39 @@ class InfiniteTalkPipeline:
         say("loading transformer")
         # Quantized runs load on the CPU and quantize layer by layer on the way to the device: the device never holds
         # the full-precision model.
-        load_device = device if plan.quantization == "disabled" else torch.device("cpu")
+        # With offload the transformer stays in host memory until `apply_offload` places its parts.
+        host = torch.device("cpu")
+        offloading = plan.offload != "none"
+        load_device = device if plan.quantization == "disabled" and not offloading else host
         transformer = load_transformer(files.transformer, files.adapter, geometry, dtype=plan.torch_dtype,
                                        device=load_device)
-        # (LoRA merges belong here: into the full-precision weights, before quantization.)
+        # LoRAs: merged into the full-precision weights, or hooked onto the layers (unmerged), before quantization.
+        loras = apply_loras(transformer, options.lora, options.lora_mode, device, say)
         if plan.quantization != "disabled":
             say(f"quantizing transformer ({plan.quantization})")
-        quantization = quantize_transformer(transformer, plan.quantization, device)
+        quantization = quantize_transformer(transformer, plan.quantization, host if offloading else device)
+        if loras.handle is not None:
+            loras.handle.verify(transformer)
         transformer.set_attention_backend(plan.attention_backend)
+        if plan.compile:  # the 40 blocks share one code path: one compiled graph per input shape
+            for block in transformer.blocks:
+                block.compile()
+        if offloading:
+            say(f"placing transformer weights ({plan.offload})")
+        offload = apply_offload(transformer, plan.offload, device)
         say("loading VAE")
-        vae = load_vae(files.vae, geometry, device=device, dtype=plan.vae_torch_dtype)
+        vae = load_vae(files.vae, geometry, device=device, dtype=plan.vae_torch_dtype, tiling=plan.vae_tiling)
         say("loading text encoder")
-        text_encoder = load_text_encoder(files.t5, files.t5_tokenizer, geometry, device=device,
+        encoder_device = host if plan.encoders_offloaded else device  # then they visit the GPU only to encode
+        text_encoder = load_text_encoder(files.t5, files.t5_tokenizer, geometry, device=encoder_device,
                                          dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
         t5_quantization = quantize_text_encoder(text_encoder.model, options.t5_quantization)
         say("loading image encoder")
-        image_encoder = load_image_encoder(files.clip, geometry, device=device,
+        image_encoder = load_image_encoder(files.clip, geometry, device=encoder_device,
                                            dtype=torch.float32 if device.type == "cpu" else torch.float16)
+        if plan.encoders_offloaded:
+            apply_sequential(text_encoder.model, device)  # T5 streamed layer by layer (largest: its embedding)
+            offload_after_use(image_encoder.model, device)
         say("loading audio encoder")
         audio_encoder = load_audio_encoder(files.wav2vec, geometry, device="cpu", dtype=torch.float32)
 
@@ -101,11 +142,14 @@ class InfiniteTalkPipeline:
         self.text_encoder, self.image_encoder, self.audio_encoder = text_encoder, image_encoder, audio_encoder
         self.load_options, self.files, self.geometry, self.device = options, files, geometry, device
         self.load_plan = plan.to_dict()
-        self.load_plan["lines"] = plan.lines()
+        self.load_plan["lines"] = plan.lines() + loras.lines + fast_mode_lines(options, caps=probe())
+        self.load_plan["loras"] = loras.as_dict()
         self.load_plan["files"] = files.as_dict()
+        self.load_plan["offload_report"] = offload
         self.load_plan["geometry"] = geometry.name
         self.load_plan["quantization_report"] = {"transformer": quantization, "t5": t5_quantization}
         self.load_plan["notes"] = [n for n in (getattr(audio_encoder, "warning", None),) if n]
+        self.load_plan["notes"] += [*plan.memory.get("warnings", ()), *plan.memory.get("notes", ())]
         return self.load_plan
 
     def _require_models(self) -> None:
@@ -121,6 +165,7 @@ class InfiniteTalkPipeline:
         request.validate()
         sampler = describe_sampler(request.scheduler, request.steps, request.effective_shift)
         passes = passes_for(request.text_scale, request.audio_scale)
+        cache_plan = describe_step_cache(request.step_cache, request.cache_threshold, request.size, sampler.steps)
         out = {
             "scheduler": sampler.as_dict(),
             "steps": sampler.steps,
@@ -133,6 +178,8 @@ class InfiniteTalkPipeline:
             "color_correction": request.effective_color_correction,
             "size": request.size,
             "max_seconds": request.max_seconds,
+            "step_cache": cache_plan.as_dict() if cache_plan else None,
+            "mode_lines": fast_mode_lines(self.load_options, request, sampling_only=True),
         }
         if audio_frames is not None:
             max_frames = None if request.max_seconds is None else max(1, int(round(request.max_seconds * FPS)))
@@ -173,9 +220,12 @@ class InfiniteTalkPipeline:
         progress: Callable[[dict], None] | None = None,
         on_chunk: Callable[[int, np.ndarray], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_checkpoint: Callable[[ChunkState, np.ndarray], None] | None = None,
+        resume: ChunkState | None = None,
     ) -> GenerateResult:
         """Make the video. `progress` gets chunk/step/ETA dicts, `on_chunk(k, uint8 frames [t,H,W,3])` each chunk's
-        new frames (previews). On cancel or failure the frames finished so far are kept in the mp4."""
+        new frames (previews). On cancel or failure the frames finished so far are kept in the mp4.
+        `on_checkpoint` / `resume`: see `ChunkState` (a resumed run gives the frames of an unbroken one)."""
         request.validate()
         self._require_models()
         if bool(request.image) == bool(request.video):
@@ -189,6 +239,8 @@ class InfiniteTalkPipeline:
         timings: dict[str, float] = {}
         started = time.monotonic()
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        if on_checkpoint is not None or resume is not None:
+            seed = check_resumable(request, resume, seed)
 
         t = time.monotonic()
         source = FrameSource(request.image or request.video)
@@ -231,6 +283,7 @@ class InfiniteTalkPipeline:
             text_scale=request.text_scale, audio_scale=request.audio_scale, use_apg=request.use_apg,
             color_correct=(lambda video, _ref, s: color_correct(video, matcher, s)) if matcher else None,
             device=self.device,
+            step_cache=make_step_cache(self.transformer, request.step_cache, request.cache_threshold, request.size),
         )
         generator = torch.Generator().manual_seed(seed)
         written = {"frames": 0}
@@ -243,14 +296,26 @@ class InfiniteTalkPipeline:
             written["frames"] += keep
             if on_chunk is not None:
                 on_chunk(k, frames.numpy() if isinstance(frames, torch.Tensor) else frames)
+            if on_checkpoint is not None:  # video ends with the next chunk's context (stride ≥ motion_frames)
+                stats = {**dataclasses.asdict(loop.stats), "chunks_done": k + 1}
+                on_checkpoint(ChunkState(k + 1, chunks.num_chunks, seed, written["frames"], generator.get_state(),
+                                         video[:, -request.motion_frames:][None].clone(), stats),
+                              frames.numpy() if isinstance(frames, torch.Tensor) else frames)
 
-        status, error = "completed", None
+        status, error, out_of_memory = "completed", None, None
         t = time.monotonic()
+        start_chunk, context = 0, None
         try:
+            if resume is not None:
+                start_chunk, context = _resume_into(resume, chunks, generator, loop, writer, written)
             with torch.inference_mode():
-                loop.run(chunks, cond, generator, on_frames=on_frames, progress=progress, should_stop=should_stop)
+                loop.run(chunks, cond, generator, on_frames=on_frames, progress=progress, should_stop=should_stop,
+                         start_chunk=start_chunk, context_frames=context)
         except CancelledError as err:
             status, error = "cancelled", str(err)
+        except torch.OutOfMemoryError:  # = torch.cuda.OutOfMemoryError; raised below, after the sidecar is written
+            out_of_memory = self._out_of_memory(request, target, persons, chunks, loop, written["frames"], out_path)
+            status, error = "failed", str(out_of_memory)
         except BaseException as err:
             status, error = "failed", f"{type(err).__name__}: {err}"
             raise
@@ -263,10 +328,14 @@ class InfiniteTalkPipeline:
             timings["total_s"] = time.monotonic() - started
             sidecar = self._sidecar(request, seed, plan_info, chunks, loop, timings, status, error, written["frames"],
                                     source, persons, target)
+            if start_chunk:
+                sidecar["output"]["resumed_from_chunk"] = start_chunk
             sidecar_path = out_path.with_suffix(".json")
             sidecar_path.write_text(json.dumps(sidecar, indent=2, default=str))
         if status == "cancelled":
             raise CancelledError(f"{error}; the {written['frames']} finished frames are in {out_path}")
+        if out_of_memory is not None:  # raised outside the except clause: the failed call's tensors are freed
+            raise out_of_memory
         return GenerateResult(out_path, sidecar_path, written["frames"], written["frames"] / FPS, seed, sidecar)
 
     def _sidecar(self, request, seed, plan_info, chunks, loop, timings, status, error, frames, source, persons,
@@ -281,10 +350,13 @@ class InfiniteTalkPipeline:
             "speakers": persons,
             "resolution": list(target),
             **{name: (self.load_plan or {}).get("options", {}).get(name, {}).get("effective")
-               for name in ("model_precision", "vae_precision", "quantization", "attention", "device")},
+               for name in ("model_precision", "vae_precision", "quantization", "attention", "device", "offload",
+                            "vae_tiling")},
             "attention_backend": (self.load_plan or {}).get("attention_backend"),
             "model_calls": loop.stats.model_calls,
             "model_calls_per_chunk": loop.stats.calls_per_chunk,
+            "cache_skips": sum(loop.stats.cache_skips_per_chunk),
+            "cache_skips_per_chunk": loop.stats.cache_skips_per_chunk,
         }
         return {
             "status": status,
@@ -300,8 +372,73 @@ class InfiniteTalkPipeline:
                        "planned_frames": chunks.num_frames, "chunks_done": loop.stats.chunks_done,
                        "chunks": chunks.num_chunks},
             "timings_s": {k: round(v, 3) for k, v in {**timings, **loop.stats.seconds}.items()},
+            "memory": _memory_record(self.load_plan, self.device),
             "versions": _versions(),
         }
+
+    def _out_of_memory(self, request, target, persons, chunks, loop, frames_done, out_path):
+        """The GPU ran out of memory in a chunk: swapped weights go back to host memory, and the error names a
+        setting the memory plan estimates to fit (plan/memory.py)."""
+        from .models.offload import release
+        from .plan.memory import out_of_memory_error
+
+        release(self.transformer)
+        return out_of_memory_error(self.load_plan, target, request.frame_num, persons, loop.stats.chunks_done + 1,
+                                   chunks.num_chunks, frames_done, out_path)
+
+
+def _memory_record(load_plan: dict | None, device: torch.device) -> dict:
+    """The plan's estimate next to what this process really used (GPU peak since the process started)."""
+    planned = ((load_plan or {}).get("memory") or {}).get("estimate")
+    measured = None
+    if device.type == "cuda":
+        measured = {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+                    "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)}
+    return {"planned": planned, "measured": measured}
+
+
+def check_resumable(request: GenerateOptions, resume: ChunkState | None, seed: int) -> int:
+    """The seed of a checkpointed run: the saved one when resuming (a request naming another is not this run)."""
+    if request.frame_num - request.motion_frames < request.motion_frames:
+        raise OptionError(f"checkpoints need frame_num - motion_frames >= motion_frames (got {request.frame_num} and "
+                          f"{request.motion_frames}): a chunk's new frames must hold the next chunk's context")
+    if resume is None:
+        return seed
+    if request.seed is not None and request.seed != resume.seed:
+        raise InputError(f"cannot resume: the saved run used seed {resume.seed}, the request asks for {request.seed}")
+    return resume.seed
+
+
+def _resume_into(resume: ChunkState, chunks, generator: torch.Generator, loop: ChunkLoop, writer: Mp4Writer,
+                 written: dict) -> tuple[int, torch.Tensor]:
+    """Put the run where `resume` left it: the earlier frames muxed again, the noise generator and loop stats restored."""
+    if resume.num_chunks != chunks.num_chunks or not 0 < resume.next_chunk <= chunks.num_chunks:
+        raise InputError(f"cannot resume: the saved run has {resume.num_chunks} chunks (next {resume.next_chunk}), "
+                         f"this request plans {chunks.num_chunks}; the inputs or options differ")
+    for frames in resume.earlier_frames or ():
+        writer.append(frames)
+        written["frames"] += len(frames)
+    if written["frames"] != resume.frames_written:
+        raise InputError(f"cannot resume: {written['frames']} earlier frames given, the saved run had written "
+                         f"{resume.frames_written}")
+    generator.set_state(resume.generator_state)
+    for name, value in resume.stats.items():
+        setattr(loop.stats, name, value)
+    return resume.next_chunk, resume.context_frames
+
+
+def _refuse_double_quantization(plan, files: ModelFiles) -> None:
+    """GGUF weights are already quantized (and dequantized per layer); a second quantization is refused."""
+    from .models.checkpoint_io import is_gguf
+    from .models.transformer_loading import resolve_transformer_files
+
+    if plan.quantization == "disabled":
+        return
+    gguf_files = [p for p in resolve_transformer_files(files.transformer, files.adapter) if is_gguf(p)]
+    if gguf_files:
+        raise OptionError(f"quantization={plan.options['quantization'].requested}: {gguf_files[0]} is already "
+                          "GGUF-quantized (dequantized per layer as it runs); use --quantization disabled with GGUF "
+                          "files, or a .safetensors model to quantize")
 
 
 def _versions() -> dict:

@@ -33,6 +33,7 @@ from typing import Any
 
 from ..errors import OptionError
 from ..options import LoadOptions
+from .memory import plan_memory
 from .probe import BLACKWELL_SMS, Capabilities
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -91,8 +92,14 @@ class Plan:
     attention_kernel: str  # key of ATTENTION_BACKENDS
     attention_backend: str
     attention_provider: str  # "diffusers" | "infinite_talk"
+    compile: bool = False
     options: dict[str, Resolved] = field(default_factory=dict)
     machine: str = ""
+    # memory plan (plan/memory.py): resolved offload setting, VAE tiling, encoders off the GPU after use, estimates
+    offload: str = "none"  # "none" | "blocks:N" | "sequential"
+    vae_tiling: bool = False
+    encoders_offloaded: bool = False
+    memory: dict[str, Any] = field(default_factory=dict)
 
     @property
     def torch_dtype(self):
@@ -239,6 +246,18 @@ def _resolve_t5_quantization(requested: str, caps: Capabilities, device: str) ->
                                           "Float8WeightOnlyConfig), upcast per layer: memory only")
 
 
+def _resolve_compile(requested: bool, caps: Capabilities, device: str) -> Resolved:
+    if not requested:
+        return Resolved("off", "off", "eager PyTorch")
+    if device == "cpu":
+        raise _refuse("compile", "on", "a CUDA GPU with Triton (the compiled kernels are Triton GPU kernels)",
+                      _have(caps, device))
+    if not _ok(caps, "triton"):
+        raise _refuse("compile", "on", "Triton", _have(caps, device, "triton"))
+    return Resolved("on", "on", "torch.compile (inductor) per transformer block; the first forward of each "
+                                "shape compiles, later ones reuse it")
+
+
 def _attention_order(sm: tuple[int, int]) -> list[str]:
     if sm == (9, 0):
         return ["flash_attn_3", "fa3_fwd", "sdpa-cudnn", "sdpa-flash", "flash_attn_2", "sdpa-efficient", "sdpa-math"]
@@ -249,13 +268,18 @@ def _attention_order(sm: tuple[int, int]) -> list[str]:
     return ["sdpa-efficient", "sdpa-math"]
 
 
-def _first_verified(candidates: list[str], caps: Capabilities) -> tuple[str | None, list[str]]:
+def _dtype_reason(k, dtype: str) -> str:
+    """Why an available kernel does not run this dtype."""
+    return f"its micro-test passed for {', '.join(k.dtypes)} only, not {dtype} ({k.reason})"
+
+
+def _first_verified(candidates: list[str], caps: Capabilities, dtype: str) -> tuple[str | None, list[str]]:
     skipped = []
     for kernel in candidates:
         k = caps.kernel(_PROBE_KEY[kernel])
-        if k.available:
+        if k.runs(dtype):
             return kernel, skipped
-        skipped.append(f"{kernel}: {k.reason}")
+        skipped.append(f"{kernel}: {k.reason if not k.available else _dtype_reason(k, dtype)}")
     return None, skipped
 
 
@@ -283,7 +307,7 @@ def _resolve_attention(requested: str, caps: Capabilities, device: str, precisio
             why = f"fastest verified on {caps.gpu.sm} {precision}"
             if requested == "auto":
                 why += "; sageattn/sageattn_3 only when requested (8/4-bit quality not yet checked)"
-        kernel, skipped = _first_verified(order, caps)
+        kernel, skipped = _first_verified(order, caps, DTYPES[precision])
         if kernel is None:
             raise _refuse("attention", requested, "a working torch SDPA kernel",
                           f"{_have(caps, device)}; " + "; ".join(skipped))
@@ -300,9 +324,14 @@ def _resolve_attention(requested: str, caps: Capabilities, device: str, precisio
         raise OptionError(f"attention={requested}: needs model_precision bf16 or fp16 (the kernel has no fp32 "
                           "path); model_precision is fp32")
     candidates = ["flash_attn_3", "fa3_fwd"] if requested == "flash_attn_3" else [_PROBE_KEY[requested]]
+    dtype = DTYPES[precision]
     for kernel in candidates:
-        if _ok(caps, kernel):
+        if caps.kernel(kernel).runs(dtype):
             return Resolved(requested, requested, _describe(kernel)), kernel
+    if any(caps.kernel(c).available for c in candidates):
+        why = "; ".join(f"{c}: {_dtype_reason(caps.kernel(c), dtype)}" for c in candidates if caps.kernel(c).available)
+        raise OptionError(f"attention={requested}: does not run model_precision {precision} on this machine: {why}; "
+                          "use model_precision bf16 or attention sdpa")
     have = _have(caps, device) + "".join(f"; {c}: {caps.kernel(c).reason}" for c in candidates)
     raise _refuse("attention", requested, NEEDS[requested], have)
 
@@ -342,18 +371,28 @@ def resolve(load_options: LoadOptions, caps: Capabilities) -> Plan:
     vae = _resolve_precision("vae_precision", load_options.vae_precision, caps, device)
     quant = _resolve_quantization(load_options.quantization, caps, device, model.effective)
     t5_quant = _resolve_t5_quantization(load_options.t5_quantization, caps, device)
+    compiled = _resolve_compile(load_options.compile, caps, device)
     attn, kernel = _resolve_attention(load_options.attention, caps, device, model.effective)
     backend, provider = ATTENTION_BACKENDS[kernel]
+    memory = plan_memory(load_options, caps, device=device, model_dtype=DTYPES[model.effective],
+                         vae_dtype=DTYPES[vae.effective], quantization=quant.effective,
+                         t5_quantization=t5_quant.effective, attention_backend=backend)
     return Plan(
         device=device,
         model_dtype=DTYPES[model.effective],
         vae_dtype=DTYPES[vae.effective],
         quantization=quant.effective,
         t5_quantization=t5_quant.effective,
+        compile=compiled.effective == "on",
         attention_kernel=kernel,
         attention_backend=backend,
         attention_provider=provider,
         options={"device": dev, "model_precision": model, "vae_precision": vae, "quantization": quant,
-                 "t5_quantization": t5_quant, "attention": attn},
+                 "t5_quantization": t5_quant, "attention": attn, "compile": compiled, "offload": memory.offload,
+                 "vae_tiling": memory.vae_tiling},
         machine=caps.summary(),
+        offload=memory.offload.effective,
+        vae_tiling=memory.vae_tiling.effective == "on",
+        encoders_offloaded=memory.encoders_offloaded,
+        memory=memory.to_dict(),
     )

@@ -1,0 +1,250 @@
+"""Weights that live in host memory and visit the GPU only while they run, on diffusers' group-offloading machinery.
+
+Settings (`LoadOptions.offload`; the memory plan resolves `auto`, `plan/memory.py`):
+
+* `none` — every transformer weight stays on the GPU.
+* `blocks:N` — N of the transformer blocks live in pinned host memory. Each is a diffusers `ModuleGroup` with a
+  `GroupOffloadingHook`: copied to the GPU on a side CUDA stream while the block before it computes, used, then
+  dropped from the GPU again. The other blocks, the embeddings and the head stay on the GPU. diffusers'
+  `apply_group_offloading(offload_type="block_level")` cannot do this: it offloads *every* block of a ModuleList.
+  The swapped blocks are spread evenly (every other block for N <= L/2), so a swapped block usually follows a
+  resident one: its copy overlaps that block's compute and at most one swapped block occupies the GPU at a time
+  (two when N > L/2). Quantized weights (torchao tensors) are swapped in their compact form (diffusers moves their
+  inner tensors).
+* `sequential` — diffusers leaf-level group offloading (`apply_group_offloading(offload_type="leaf_level")`, with a
+  stream on CUDA): every layer is copied just before it runs. Least GPU memory, most copying.
+
+Encoders leave the GPU after use when the plan says so: `offload_after_use` keeps one (CLIP) in host memory and moves
+it to the GPU for each call with one model-level `ModuleGroup`; T5 (10.6 GiB in bf16) is streamed layer by layer with
+`apply_sequential`, so at most its two largest layers (the 2.1 GB token embedding) are on the GPU at once.
+
+On a CPU-only run these hooks have nothing to move; the planner refuses `blocks:N` and `sequential` there. The hooks
+themselves run with onload and offload device both "cpu" (no stream), which is how the tests check the wiring.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import OptionError
+
+if TYPE_CHECKING:
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+# diffusers is imported when hooks are installed, so validating options stays light
+_GROUP_OFFLOADING = "group_offloading"  # diffusers.hooks.group_offloading._GROUP_OFFLOADING (asserted in tests)
+
+MAX_BLOCKS = 40  # the 14B transformer; smaller geometries are checked against their own block count
+OFFLOAD_FORMS = "auto, none, sequential or blocks:N (N transformer blocks kept in host memory, 1-40)"
+_PREFETCH = "infinite_talk_prefetch"
+_BLOCKS = re.compile(r"blocks:(\d+)")
+
+
+def parse_offload(value: str, num_blocks: int = MAX_BLOCKS) -> tuple[str, int]:
+    """`("auto"|"none"|"sequential", 0)` or `("blocks", N)`; `OptionError` for anything else."""
+    if value in ("auto", "none", "sequential"):
+        return value, 0
+    m = _BLOCKS.fullmatch(value) if isinstance(value, str) else None
+    if not m:
+        raise OptionError(f"offload: unknown value {value!r}; choose {OFFLOAD_FORMS}")
+    n = int(m.group(1))
+    if not 1 <= n <= num_blocks:
+        raise OptionError(f"offload=blocks:{n}: the transformer has {num_blocks} blocks; choose blocks:1 to "
+                          f"blocks:{num_blocks}")
+    return "blocks", n
+
+
+def swapped_block_indices(num_blocks: int, n: int) -> list[int]:
+    """Which blocks live in host memory for `blocks:n`: spread evenly, ending with the last block
+    (n = L/2 gives every odd block, n = 1 the last one, n = L all)."""
+    if not 0 <= n <= num_blocks:
+        raise ValueError(f"cannot swap {n} of {num_blocks} blocks")
+    return [(j + 1) * num_blocks // n - 1 for j in range(n)]
+
+
+def blocks_in_flight(num_blocks: int, n: int) -> int:
+    """Swapped blocks on the GPU at once: the running one, plus the next while it is copied if that is swapped too."""
+    swapped = set(swapped_block_indices(num_blocks, n))
+    if not swapped:
+        return 0
+    return 2 if any(i + 1 in swapped for i in swapped) else 1
+
+
+@functools.cache
+def _prefetch_class():
+    from diffusers.hooks import ModelHook
+
+    class Prefetch(ModelHook):
+        """On a module that runs just before a swapped block: start copying that block to the GPU (on the group's
+        side stream), so the copy overlaps this module's compute. The block's own hook waits for the copy."""
+
+        def __init__(self, group: ModuleGroup):
+            super().__init__()
+            self.group = group
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.group.onload_()
+            return args, kwargs
+
+    return Prefetch
+
+
+def _registry(module: torch.nn.Module):
+    from diffusers.hooks import HookRegistry
+
+    return HookRegistry.check_if_exists_or_initialize(module)
+
+
+def _move_resident(model: torch.nn.Module, device: torch.device, skip: set[int]) -> None:
+    """Everything of the transformer except the blocks in `skip` to `device`."""
+    for name, child in model.named_children():
+        if name != "blocks":
+            child.to(device)
+    for i, block in enumerate(model.blocks):
+        if i not in skip:
+            block.to(device)
+    for tensor in [*model._parameters.values(), *model._buffers.values()]:
+        if tensor is not None:
+            tensor.data = tensor.data.to(device)
+
+
+def apply_block_swap(model: torch.nn.Module, n: int, onload_device, offload_device="cpu",
+                     use_stream: bool | None = None, prefetch: bool | None = None) -> dict:
+    """Keep `n` of `model.blocks` in (pinned, with a stream) host memory; the rest of the model goes to
+    `onload_device`. `use_stream` defaults to True on CUDA; `prefetch` (copy a block while the previous module runs)
+    defaults to `use_stream` — without a stream an early copy only holds memory sooner. Returns a report."""
+    from diffusers.hooks.group_offloading import (
+        GroupOffloadingConfig,
+        GroupOffloadingHook,
+        GroupOffloadingType,
+        ModuleGroup,
+    )
+
+    onload, offload = torch.device(onload_device), torch.device(offload_device)
+    use_stream = onload.type == "cuda" if use_stream is None else use_stream
+    prefetch = use_stream if prefetch is None else prefetch
+    blocks = model.blocks
+    swapped = swapped_block_indices(len(blocks), n)
+    _move_resident(model, onload, set(swapped))
+    stream = torch.cuda.Stream(onload) if use_stream else None
+    config = GroupOffloadingConfig(onload_device=onload, offload_device=offload,
+                                   offload_type=GroupOffloadingType.BLOCK_LEVEL, non_blocking=use_stream,
+                                   record_stream=False, low_cpu_mem_usage=False, num_blocks_per_group=1,
+                                   stream=stream)
+    groups: dict[int, ModuleGroup] = {}
+    for i in swapped:
+        block = blocks[i]
+        # building the group pins a host copy of this block (with a stream); registering the hook offloads it,
+        # so host memory holds one extra block at a time while this runs
+        groups[i] = ModuleGroup([block], offload_device=offload, onload_device=onload, offload_leader=block,
+                                onload_leader=block, non_blocking=use_stream, stream=stream, record_stream=False,
+                                low_cpu_mem_usage=False, onload_self=not prefetch, group_id=f"blocks.{i}")
+        _registry(block).register_hook(GroupOffloadingHook(groups[i], config=config), _GROUP_OFFLOADING)
+    if prefetch:
+        for i, group in groups.items():
+            if i - 1 in groups:  # the previous block is swapped too: its hook starts this copy (diffusers' chain)
+                _registry(blocks[i - 1]).get_hook(_GROUP_OFFLOADING).next_group = group
+            else:  # a resident block, or the model itself for block 0, starts it
+                trigger = blocks[i - 1] if i > 0 else model
+                _registry(trigger).register_hook(_prefetch_class()(group), _PREFETCH)
+    per_block = [_group_bytes(groups[i]) for i in swapped]
+    return {"offload": f"blocks:{n}", "swapped_blocks": swapped, "swapped_bytes": sum(per_block),
+            "stream": use_stream, "prefetch": prefetch, "pinned": use_stream,
+            "blocks_in_flight": blocks_in_flight(len(blocks), n)}
+
+
+def apply_sequential(model: torch.nn.Module, onload_device, offload_device="cpu", use_stream: bool | None = None,
+                     low_cpu_mem_usage: bool = False) -> dict:
+    """diffusers leaf-level group offloading of the whole model (every Linear/Conv/Embedding and the parameters
+    outside them visit the GPU only while their module runs). `low_cpu_mem_usage` pins each layer when it is copied
+    instead of keeping a pinned copy (slower copies, no page-locked host memory)."""
+    from diffusers.hooks import apply_group_offloading
+
+    onload = torch.device(onload_device)
+    use_stream = onload.type == "cuda" if use_stream is None else use_stream
+    apply_group_offloading(model, onload_device=onload, offload_device=torch.device(offload_device),
+                           offload_type="leaf_level", use_stream=use_stream, record_stream=False,
+                           low_cpu_mem_usage=low_cpu_mem_usage)
+    return {"offload": "sequential", "groups": len(offloaded_groups(model)), "stream": use_stream,
+            "pinned": use_stream}
+
+
+def apply_offload(model: torch.nn.Module, setting: str, device) -> dict:
+    """Apply a resolved setting (`none`, `blocks:N`, `sequential`) to the transformer; `none` moves it to `device`."""
+    kind, n = parse_offload(setting, len(model.blocks))
+    device = torch.device(device)
+    if kind == "none":
+        model.to(device)
+        return {"offload": "none"}
+    if device.type != "cuda":
+        raise OptionError(f"offload={setting}: offload moves weights between GPU and host; this run uses "
+                          f"device={device.type}")
+    if kind == "blocks":
+        return apply_block_swap(model, n, device)
+    if kind == "sequential":
+        return apply_sequential(model, device)
+    raise OptionError(f"offload={setting}: 'auto' must be resolved by the planner first")
+
+
+def offload_after_use(model: torch.nn.Module, onload_device, offload_device="cpu") -> None:
+    """Keep `model` in host memory; each forward moves it to `onload_device` and back afterwards (one model-level
+    group, synchronous copies: an encoder runs a few times per video)."""
+    from diffusers.hooks.group_offloading import (
+        GroupOffloadingConfig,
+        GroupOffloadingHook,
+        GroupOffloadingType,
+        ModuleGroup,
+    )
+
+    onload, offload = torch.device(onload_device), torch.device(offload_device)
+    group = ModuleGroup([model], offload_device=offload, onload_device=onload, offload_leader=model,
+                        onload_leader=model, non_blocking=False, stream=None, record_stream=False,
+                        low_cpu_mem_usage=False, onload_self=True, group_id=type(model).__name__)
+    config = GroupOffloadingConfig(onload_device=onload, offload_device=offload,
+                                   offload_type=GroupOffloadingType.BLOCK_LEVEL, non_blocking=False,
+                                   record_stream=False, low_cpu_mem_usage=False, num_blocks_per_group=1)
+    _registry(model).register_hook(GroupOffloadingHook(group, config=config), _GROUP_OFFLOADING)
+
+
+def offloaded_groups(model: torch.nn.Module) -> dict[str, ModuleGroup]:
+    """Module name -> the weight group its offloading hook moves (groups that hold weights only)."""
+    out = {}
+    for name, module in model.named_modules():
+        hook = getattr(module, "_diffusers_hook", None)
+        hook = hook.get_hook(_GROUP_OFFLOADING) if hook is not None else None
+        if hook is not None and (hook.group.modules or hook.group.parameters or hook.group.buffers):
+            out[name] = hook.group
+    return out
+
+
+def offloaded_blocks(model: torch.nn.Module) -> list[int]:
+    """Indices of the transformer blocks that live in host memory."""
+    return sorted(int(name.split(".")[1]) for name in offloaded_groups(model) if re.fullmatch(r"blocks\.\d+", name))
+
+
+def release(model: torch.nn.Module) -> None:
+    """Put every offloaded group back in host memory (after a failed forward left some on the GPU)."""
+    for group in offloaded_groups(model).values():
+        if group.onload_leader is not None and group.offload_leader is not None:
+            group.offload_()
+
+
+def remove_offload(model: torch.nn.Module) -> None:
+    """Drop all offloading hooks; the weights stay where they are (host or GPU). For switching settings in one
+    process (the memory benchmark)."""
+    release(model)
+    registry = _registry(model)
+    registry.remove_hook(_GROUP_OFFLOADING, recurse=True)
+    registry.remove_hook(_PREFETCH, recurse=True)
+    for name in ("layer_execution_tracker", "lazy_prefetch_group_offloading"):
+        registry.remove_hook(name, recurse=True)
+
+
+def _group_bytes(group: ModuleGroup) -> int:
+    from .quantize import weight_bytes
+
+    return sum(weight_bytes(m) for m in group.modules)
