@@ -1,0 +1,488 @@
+"""The Gradio page and the `infinite-talk ui` command.
+
+Model panel → LoadOptions, generation panel → GenerateOptions (controls built from the schema, `controls.py`); both
+run through `Studio` (`session.py`): one GPU queue, one pipeline. Every failure becomes a message in the page; the
+traceback goes to the server log only.
+(No `from __future__ import annotations`: gradio reads the `gr.Request` annotations of the handlers.)
+"""
+
+import argparse
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import InfiniteTalkError
+from ..options import GenerateOptions, LoadOptions
+from . import controls as C
+from .session import Studio, audio_frames
+
+MEDIA_FIELDS = ("image", "video", "audio", "audio2")
+NOT_SHOWN = {"out"}  # the server picks the output path
+# Where the generation fields go; schema fields not listed here appear under "More options", so every field of
+# GenerateOptions has a control even when the schema grows.
+GENERATE_LAYOUT = {
+    "speakers": ("audio_mode", "bbox"),
+    "prompts": ("prompt", "negative_prompt"),
+    "sampling": ("size", "steps", "scheduler", "shift"),
+    "guidance": ("text_scale", "audio_scale", "use_apg"),
+    "output": ("seed", "color_correction", "max_seconds"),
+    "chunking": ("frame_num", "motion_frames"),
+}
+log = logging.getLogger("infinite_talk.ui")
+MAX_JOBS = 16  # handlers that may wait in our GPU queue at once (beyond that, Gradio's own queue holds them)
+
+
+def generate_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(GenerateOptions) if f.name not in NOT_SHOWN)
+
+
+def _placed(group: str) -> tuple[str, ...]:
+    names = set(generate_fields())
+    return tuple(n for n in GENERATE_LAYOUT[group] if n in names)
+
+
+def unplaced_generate_fields() -> tuple[str, ...]:
+    placed = set(MEDIA_FIELDS).union(*GENERATE_LAYOUT.values())
+    return tuple(n for n in generate_fields() if n not in placed)
+
+
+def _gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio as gr
+    except ImportError as err:
+        raise InfiniteTalkError("the web UI needs gradio: pip install 'infinite_talk[ui]'") from err
+    return gr
+
+
+def _component(gr, spec: C.ControlSpec, **extra):
+    """A gradio component for a schema field, straight from its spec."""
+    common = dict(label=spec.label, info=spec.info or None, elem_id=spec.name.replace("_", "-"), **extra)
+    value = C.widget_default(spec)
+    if spec.kind == "dropdown":
+        return gr.Dropdown(choices=list(spec.choices), value=value, **common)
+    if spec.kind == "radio":
+        return gr.Radio(choices=list(spec.choices), value=value, **common)
+    if spec.kind == "checkbox":
+        return gr.Checkbox(value=value, **common)
+    if spec.kind == "slider":
+        return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, value=value, step=spec.step, **common)
+    if spec.kind == "number":
+        return gr.Number(value=value, minimum=spec.minimum, maximum=spec.maximum, step=spec.step,
+                         precision=0 if spec.integer else None, **common)
+    if spec.kind == "optional_number":
+        return gr.Textbox(value=value, placeholder=C.EMPTY_MEANS.get(spec.name, "empty: the default"), **common)
+    lines = {"negative_prompt": 3, "prompt": 2}.get(spec.name, 2 if spec.kind == "lines" else 1)
+    return gr.Textbox(value=value, lines=lines, **common)
+
+
+def _default_source(studio: Studio) -> str:
+    if studio.preset == "tiny":
+        return C.SOURCE_TINY
+    return C.SOURCE_FOLDER if studio.models_dir else C.SOURCE_HUB
+
+
+def _source_pairs(studio: Studio) -> list[tuple[str, str]]:
+    pairs = []
+    for value, label in C.SOURCE_LABELS.items():
+        if value == C.SOURCE_FOLDER:
+            label = f"models folder: {studio.models_dir}" if studio.models_dir else \
+                "models folder — unavailable: start the UI with --models-dir DIR"
+        pairs.append((label, value))
+    return pairs
+
+
+def build_app(studio: Studio):
+    gr = _gradio()
+    caps = studio.caps
+    source_default = _default_source(studio)
+    initial = LoadOptions(preset="tiny" if source_default == C.SOURCE_TINY else None,
+                          models_dir=studio.models_dir if source_default == C.SOURCE_FOLDER else None)
+    initial_status = studio.statuses(initial)
+    component_pairs = C.component_choices(studio.found, studio.models_dir)
+    load_meta = LoadOptions.__dataclass_fields__
+
+    # Gradio's copies of uploads and results are dropped after a day; the runs themselves stay in output_dir.
+    with gr.Blocks(title="Infinite Talk", analytics_enabled=False, delete_cache=(86400, 86400)) as demo:
+        gr.Markdown("# Infinite Talk\nA talking video of any length from a photo or video plus speech.")
+
+        # ---- model panel ----------------------------------------------------------------------------------------
+        load_widgets: dict[str, Any] = {}  # LoadOptions field -> component
+        with gr.Group():
+            gr.Markdown("## 1 · Models")
+            source = gr.Radio(choices=_source_pairs(studio), value=source_default, label="Model files",
+                              info=load_meta["preset"].metadata["help"], elem_id="source")
+            with gr.Accordion("Model file per component (found by content in the models folder)", open=False):
+                gr.Markdown("*auto*: the tiny preset's file, the only one of its kind in the models folder, or the "
+                            "hub default. A file picked here is used as is; with the tiny preset it is refused.")
+                with gr.Row():
+                    for name in C.component_fields():
+                        spec = C.field_spec(LoadOptions, name)
+                        load_widgets[name] = gr.Dropdown(choices=component_pairs[name], value=C.AUTO,
+                                                         label=spec.label,
+                                                         info=load_meta[name].metadata.get("help"),
+                                                         elem_id=f"src-{name.replace('_', '-')}")
+            choices = {}
+            with gr.Row():
+                for name in C.load_choice_fields():
+                    spec = C.field_spec(LoadOptions, name)
+                    choices[name] = load_widgets[name] = gr.Dropdown(
+                        choices=C.choice_pairs(initial_status[name]), value=spec.default, label=spec.label,
+                        info=spec.info, elem_id=name.replace("_", "-"))
+                load_widgets["device"] = gr.Dropdown(choices=C.device_choices(caps), value="auto", label="Device",
+                                                     info=load_meta["device"].metadata["help"], elem_id="device")
+            if C.other_load_fields():
+                with gr.Accordion("More load options", open=False):
+                    for name in C.other_load_fields():
+                        load_widgets[name] = _component(gr, C.field_spec(LoadOptions, name))
+            load_check = gr.Markdown(C.load_check_text(initial, caps), elem_id="load-check")
+            with gr.Accordion("Every load choice on this machine", open=False):
+                availability = gr.Markdown(C.availability_table(initial_status), elem_id="availability")
+            load_btn = gr.Button("Load models", variant="primary", elem_id="load-btn")
+            load_status = gr.Markdown("No models loaded yet.", elem_id="load-status")
+            load_plan = gr.Textbox(label="Effective load plan (option: requested → effective (reason))", lines=6,
+                                   interactive=False, elem_id="load-plan")
+
+        # ---- generation panel -----------------------------------------------------------------------------------
+        gen: dict[str, Any] = {}
+        specs = {name: C.field_spec(GenerateOptions, name) for name in generate_fields()}
+
+        def place(names):
+            for name in names:
+                gen[name] = _component(gr, specs[name])
+
+        with gr.Group():
+            gr.Markdown("## 2 · Generate")
+            task = gr.Radio(choices=[C.TASK_IMAGE, C.TASK_VIDEO], value=C.TASK_IMAGE, label="Task", elem_id="task")
+            with gr.Row():
+                with gr.Column() as image_column:
+                    # A file box, not gr.Image: gr.Image decodes uploads itself and turns a broken file into a
+                    # stuck form. We decode it (by content) for the preview and name the file when it is unusable.
+                    gen["image"] = gr.File(type="filepath", file_types=["image"], label=specs["image"].label,
+                                           elem_id="ref-image")
+                    image_preview = gr.Image(label="Reference (as read)", interactive=False, height=160,
+                                             elem_id="ref-preview")
+                gen["video"] = gr.Video(sources=["upload"], label=specs["video"].label, elem_id="ref-video",
+                                        visible=False)
+                gen["audio"] = gr.Audio(type="filepath", sources=["upload", "microphone"],
+                                        label=specs["audio"].label, elem_id="audio1")
+                gen["audio2"] = gr.Audio(type="filepath", sources=["upload", "microphone"],
+                                         label=specs["audio2"].label, elem_id="audio2")
+            input_check = gr.Markdown(elem_id="input-check")
+            with gr.Row():
+                place(_placed("speakers"))
+            place(_placed("prompts"))
+            with gr.Row():
+                with gr.Column():
+                    place(_placed("sampling"))
+                with gr.Column():
+                    gr.Markdown("**Effective plan for this request**")
+                    request_plan = gr.Markdown(elem_id="request-plan")
+            with gr.Row():
+                place(_placed("guidance"))
+            with gr.Row():
+                place(_placed("output"))
+            with gr.Accordion("Chunking", open=False), gr.Row():
+                place(_placed("chunking"))
+            if unplaced_generate_fields():
+                with gr.Accordion("More options", open=False):
+                    place(unplaced_generate_fields())
+            with gr.Row():
+                run_btn = gr.Button("Generate", variant="primary", elem_id="run-btn")
+                cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+            run_progress = gr.Markdown(elem_id="run-progress")
+            run_status = gr.Markdown(elem_id="run-status")
+            previews = gr.Gallery(label="Finished chunks (last frame of each)", columns=8, height=160,
+                                  elem_id="previews", interactive=False)
+            with gr.Row():
+                result_video = gr.Video(label="Video", interactive=False, elem_id="result-video")
+                with gr.Column():
+                    sidecar = gr.File(label="Sidecar JSON (requested vs effective options, timings)",
+                                      interactive=False, elem_id="sidecar")
+                    seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
+
+        load_inputs = {source, *load_widgets.values()}
+        gen_inputs = {task, *gen.values()}
+
+        def read_load(data) -> LoadOptions:
+            return C.load_options_from_form(data[source], {n: data[c] for n, c in load_widgets.items()},
+                                            studio.models_dir)
+
+        # ---- handlers: model panel ------------------------------------------------------------------------------
+        def refresh_load_panel(data):
+            try:
+                options = read_load(data)
+                error = None
+            except Exception as err:  # an OptionError; anything else is shown the same way
+                options, error = None, err if isinstance(err, InfiniteTalkError) else InfiniteTalkError(
+                    _message(err))
+            try:
+                base = options or LoadOptions(**{n: data[c] for n, c in choices.items()}, device=data[
+                    load_widgets["device"]])
+                status = studio.statuses(base)
+            except Exception:  # e.g. an impossible combination: keep default labels, show the refusal
+                status = studio.statuses(LoadOptions())
+            updates = {choices[n]: gr.update(choices=C.choice_pairs(status[n])) for n in choices}
+            updates[load_check] = C.load_check_text(options, caps, error)
+            updates[availability] = C.availability_table(status)
+            return updates
+
+        # One listener for all triggers, so a slow earlier refresh cannot overwrite a newer one.
+        gr.on([comp.input for comp in load_inputs], refresh_load_panel, load_inputs,
+              [*choices.values(), load_check, availability], show_progress="hidden", concurrency_limit=None,
+              trigger_mode="always_last")
+
+        if "mode" in choices:
+            def on_mode(data):
+                """A preset fills the fields it sets, visibly; they stay editable and are what runs."""
+                try:
+                    load_values = {n: data[c] for n, c in choices.items()}
+                    load_values["device"] = data[load_widgets["device"]]
+                    load_set, gen_set = C.mode_preset(load_values, caps)
+                except Exception as err:
+                    return {load_check: f"**Mode:** {_message(err)}"}
+                updates = {choices[n]: v for n, v in load_set.items() if n in choices}
+                updates.update({gen[n]: C.widget_default(dataclasses.replace(specs[n], default=v))
+                                for n, v in gen_set.items() if n in gen})
+                return updates
+
+            choices["mode"].input(on_mode, load_inputs, [*choices.values(), load_check, *gen.values()],
+                                  show_progress="hidden", concurrency_limit=None).then(
+                refresh_load_panel, load_inputs, [*choices.values(), load_check, availability],
+                show_progress="hidden", concurrency_limit=None)
+
+        def on_load(data, request: gr.Request):
+            try:
+                options = read_load(data)
+                C.preflight(options, caps)
+            except Exception as err:
+                refusal = C.load_check_text(None, caps, err if isinstance(err, InfiniteTalkError)
+                                            else InfiniteTalkError(_message(err)))
+                yield {load_status: f"**Not loaded.** {refusal}", load_check: refusal}
+                return
+            try:
+                job = studio.submit(request.session_hash,
+                                    lambda job: studio.load(options, say=lambda m: job.emit("message", m)),
+                                    cancellable=False)
+            except Exception as err:
+                yield {load_status: f"**Not loaded.** {_message(err)}"}
+                return
+            for kind, payload in job.iter_events():
+                if kind == "waiting":
+                    yield {load_status: _waiting_text(payload)}
+                elif kind == "started":
+                    yield {load_status: "Loading models…", load_plan: ""}
+                elif kind == "message":
+                    yield {load_status: f"Loading models… {payload}"}
+                elif kind == "done":
+                    yield {load_status: f"**Models loaded** ({payload.get('geometry')} geometry on "
+                                        f"{payload.get('device')}).",
+                           load_plan: C.load_plan_text(payload), load_check: C.load_check_text(options, caps)}
+                elif kind == "failed":
+                    text = C.failure_text(payload, load=options, statuses=studio.statuses(options))
+                    yield {load_status: f"**Loading failed.** {text} No models are loaded now."}
+
+        # ---- handlers: generation panel -------------------------------------------------------------------------
+        def form_values(data) -> dict[str, Any]:
+            return {name: data[comp] for name, comp in gen.items()}
+
+        def plan_box(data):
+            try:
+                request = C.request_from_form(data[task], form_values(data))
+                frames = None
+                try:
+                    frames = audio_frames(request)
+                except (InfiniteTalkError, OSError) as err:
+                    return f"**Speaker audio:** {err}"
+                plan = studio.pipeline.plan_request(request, frames)
+                estimate = {"time": C.time_estimate(plan, studio.calibration), "memory": studio.memory_text()}
+                return C.plan_box_text(plan, estimate, C.mode_lines(studio.pipeline.load_options, request))
+            except Exception as err:
+                return f"**Cannot run:** {_message(err)}"
+
+        gr.on([demo.load, task.change, *(comp.change for comp in gen.values())], plan_box, gen_inputs,
+              request_plan, show_progress="hidden", concurrency_limit=None, trigger_mode="always_last")
+        task.change(lambda t: (gr.update(visible=t == C.TASK_IMAGE), gr.update(visible=t == C.TASK_VIDEO)), task,
+                    [image_column, gen["video"]], show_progress="hidden", concurrency_limit=None)
+
+        def check_reference(path, task_value):
+            """Decode the upload now: a preview, or a message naming the file and the fix."""
+            if not path:
+                return None, ""
+            try:
+                reference_kind(path, task_value)
+                from ..media.frames import FrameSource
+
+                return FrameSource(path).first_frame(), ""
+            except Exception as err:
+                return None, f"**Reference:** {_message(err)}"
+
+        gen["image"].change(check_reference, [gen["image"], task], [image_preview, input_check],
+                            show_progress="hidden", concurrency_limit=None)
+        gen["video"].change(lambda path, t: check_reference(path, t)[1], [gen["video"], task], input_check,
+                            show_progress="hidden", concurrency_limit=None)
+        load_btn.click(on_load, load_inputs, [load_status, load_plan, load_check], concurrency_limit=MAX_JOBS,
+                       concurrency_id="gpu-jobs", show_progress="minimal").then(
+            plan_box, gen_inputs, request_plan, show_progress="hidden", concurrency_limit=None)
+
+        def on_generate(data, request: gr.Request):
+            yield {run_status: "Checking the request…", run_progress: ""}
+            req = None
+            try:
+                studio.require_models()
+                req = C.request_from_form(data[task], form_values(data))
+                C.check_inputs(req, data[task])
+                reference_kind(req.image or req.video, data[task])
+                req = dataclasses.replace(req, out=str(studio.new_output_path()))  # a folder only for real runs
+                shown: list[tuple[str, str]] = []
+                total = {"chunks": None}
+
+                def save_preview(job, k: int, frames) -> None:
+                    from PIL import Image
+
+                    path = Path(req.out).with_name(f"chunk_{k + 1:03d}.png")
+                    Image.fromarray(frames[-1]).save(path)
+                    job.emit("chunk", (k, str(path)))
+
+                def work(job):
+                    return studio.run_generation(
+                        req, progress=lambda info: job.emit("progress", info),
+                        on_chunk=lambda k, frames: save_preview(job, k, frames), should_stop=job.should_stop)
+
+                job = studio.submit(request.session_hash, work)
+            except Exception as err:
+                yield {run_status: f"**Not started.** {_message(err)}"}
+                return
+            finished = False
+            try:
+                for kind, payload in job.iter_events():
+                    if kind == "waiting":
+                        yield {run_status: _waiting_text(payload)}
+                    elif kind == "started":  # the previous result leaves the page only now (it stays on disk)
+                        yield {run_status: f"Running… output folder: {Path(req.out).parent}", previews: [],
+                               result_video: None, sidecar: None, seed_used: ""}
+                    elif kind == "progress":
+                        total["chunks"] = payload["chunks"]
+                        yield {run_progress: C.progress_text(payload)}
+                    elif kind == "chunk":
+                        k, path = payload
+                        shown.append((path, f"chunk {k + 1}/{total['chunks'] or '?'}"))
+                        yield {previews: list(shown)}
+                    elif kind == "done":
+                        eff = payload.sidecar["effective"]
+                        yield {run_status: f"**Done:** {payload.frames} frames, {payload.duration_s:.2f} s, seed "
+                                           f"{payload.seed}, {eff['scheduler']} {eff['steps']} steps × "
+                                           f"{eff['passes_per_step']} passes. Saved as {payload.video_path}",
+                               result_video: str(payload.video_path), sidecar: str(payload.sidecar_path),
+                               seed_used: str(payload.seed)}
+                    elif kind in ("cancelled", "failed"):
+                        loaded = studio.pipeline.load_options or LoadOptions()
+                        text = payload if kind == "cancelled" else C.failure_text(
+                            payload, req, loaded, studio.statuses(loaded))
+                        yield {run_status: f"**{'Cancelled' if kind == 'cancelled' else 'Failed'}.** {text}",
+                               **_partial(req, result_video, sidecar, seed_used)}
+                finished = True
+            finally:
+                if not finished:  # the page went away: stop at the next step, keep what is finished
+                    job.cancel_requested.set()
+
+        run_btn.click(on_generate, gen_inputs, [run_status, run_progress, previews, result_video, sidecar, seed_used],
+                      concurrency_limit=MAX_JOBS, concurrency_id="gpu-jobs", show_progress="minimal").then(
+            plan_box, gen_inputs, request_plan, show_progress="hidden", concurrency_limit=None)
+
+        def on_cancel(request: gr.Request):
+            return f"**{studio.cancel(request.session_hash)}**"
+
+        cancel_btn.click(on_cancel, None, run_progress, concurrency_limit=None, show_progress="hidden")
+    return demo
+
+
+def _message(err: BaseException) -> str:
+    """The page's text for a failure; an unexpected one also goes to the server log with its traceback."""
+    if not isinstance(err, InfiniteTalkError):
+        log.error("unexpected error in a UI handler", exc_info=err)
+    return C.failure_text(err)
+
+
+def reference_kind(path: str, task: str) -> None:
+    """The reference's content must match the task (a video in the image box is not silently dubbed)."""
+    from ..errors import InputError
+    from ..media.frames import is_video, read_image
+
+    if is_video(path):
+        if task == C.TASK_IMAGE:
+            raise InputError(f"{path}: this is a video; for video dubbing switch the task to '{C.TASK_VIDEO}'")
+        return
+    if task == C.TASK_VIDEO:
+        raise InputError(f"{path}: this is not a video; for a photo switch the task to '{C.TASK_IMAGE}'")
+    read_image(path)
+
+
+def _waiting_text(ahead: int) -> str:
+    if ahead <= 0:
+        return "Starting…"
+    return (f"**Waiting for the GPU:** position {ahead + 1} in the queue ({ahead} job{'s' if ahead > 1 else ''} "
+            "ahead; one runs at a time).")
+
+
+def _partial(req: GenerateOptions | None, video, sidecar, seed_used) -> dict:
+    """What a cancelled or failed run left: the mp4 of the finished chunks and its sidecar."""
+    if req is None or not req.out:
+        return {}
+    out = {}
+    mp4, side = Path(req.out), Path(req.out).with_suffix(".json")
+    if mp4.is_file():
+        out[video] = str(mp4)
+    if side.is_file():
+        out[sidecar] = str(side)
+        try:
+            import json
+
+            out[seed_used] = str(json.loads(side.read_text()).get("seed", ""))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def launch(studio: Studio, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    gr = _gradio()
+    demo = build_app(studio)
+    demo.queue(max_size=64)
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])  # local fonts: no font download
+    try:
+        demo.launch(server_name=host, server_port=port, share=False, show_error=True, ssr_mode=False,
+                    allowed_paths=[str(studio.output_dir)], theme=theme, prevent_thread_lock=not block,
+                    footer_links=["gradio", "settings"])
+    except OSError as err:
+        raise InfiniteTalkError(f"cannot serve on {host}:{port} ({err}); pass another --port") from err
+    return demo
+
+
+# ---- `infinite-talk ui` ------------------------------------------------------------------------------------------
+def cmd_ui(ns: argparse.Namespace) -> int:
+    _gradio()  # a clear message before probing when gradio is missing
+    studio = Studio(preset=ns.preset, models_dir=ns.models_dir, output_dir=ns.output_dir, data_dir=ns.data_dir)
+    print(f"outputs go to {studio.output_dir}", flush=True)
+    if studio.store is not None:
+        print(f"generations go to the job queue in {studio.store.root} (run `infinite-talk serve --data-dir "
+              f"{ns.data_dir}` to work it)", flush=True)
+    launch(studio, host=ns.host, port=ns.port)
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    meta = LoadOptions.__dataclass_fields__
+    ui = subparsers.add_parser("ui", help="the web UI (Gradio): load models, generate, watch progress, cancel")
+    ui.add_argument("--preset", choices=["tiny"], default=None, help=meta["preset"].metadata["help"])
+    ui.add_argument("--models-dir", default=None, help=meta["models_dir"].metadata["help"])
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1; 0.0.0.0 for all)")
+    ui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    ui.add_argument("--output-dir", default="outputs",
+                    help="folder for the videos, sidecars and chunk previews (default ./outputs)")
+    ui.add_argument("--data-dir", default=None,
+                    help="submit generations to the job service's queue in this folder (an `infinite-talk serve "
+                         "--data-dir DIR` process runs them; its models are used, previews are not shown)")
+    ui.set_defaults(func=cmd_ui)

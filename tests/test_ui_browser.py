@@ -1,0 +1,276 @@
+"""The web UI in a real browser (Debian's chromium driven by Playwright) on the tiny preset.
+
+The test starts `infinite-talk ui --preset tiny` itself, then, as a person would: generates before loading models
+(a message, no crash), picks a load option this machine cannot run (refused in the page, never run as something
+else), loads models, uploads a portrait and 3 s of speech, generates, and checks that the page's <video> plays a
+file of the right duration (and that the served mp4 really holds 75 frames plus the audio).
+
+In CI (env CI set) a missing chromium or Playwright is a failure; elsewhere the test is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from infinite_talk.media.mp4 import probe_media
+from infinite_talk.options import LoadOptions
+from infinite_talk.plan.probe import probe
+from infinite_talk.ui import controls as C
+
+EXAMPLES = Path(__file__).parent / "data" / "examples"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--autoplay-policy=no-user-gesture-required"]
+SERVER_START_S = 180
+LONG_S = 300  # loading/generating on a busy 2-core CI machine
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must run the browser test (.ci/system-deps installs chromium)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def sync_api():
+    if not Path(CHROMIUM).is_file():
+        _unavailable("Debian's chromium is not installed (apt-get install chromium)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        _unavailable("playwright is not installed (pip install -e '.[test]')")
+    return sync_api
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, sync_api):
+    folder = tmp_path_factory.mktemp("ui")
+    port = _free_port()
+    env = {**os.environ, "INFINITE_TALK_CACHE": str(folder / "cache"), "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_TEMP_DIR": str(folder / "gradio"), "HF_HUB_OFFLINE": "1"}
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infinite_talk.cli", "ui", "--preset", "tiny", "--host", "127.0.0.1", "--port",
+         str(port), "--output-dir", str(folder / "outputs")],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + SERVER_START_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the UI server exited with {proc.returncode}:\n{(folder / 'server.log').read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the UI server did not answer within {SERVER_START_S} s:\n"
+                            f"{(folder / 'server.log').read_text()}")
+            time.sleep(0.5)
+        yield {"url": url, "log": folder / "server.log", "outputs": folder / "outputs"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def browser(sync_api):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+def _open(browser, url: str):
+    """A page in its own browser context: its own Gradio session, as a second person would have."""
+    page = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.wait_for_selector("#load-btn")
+    return page
+
+
+@pytest.fixture
+def page(server, browser):
+    return _open(browser, server["url"])
+
+
+def _speech(folder: Path, seconds: int) -> Path:
+    data, rate = sf.read(EXAMPLES / "speech_en.wav", dtype="float32")
+    path = folder / f"speech_{seconds}s.wav"
+    sf.write(path, data[: seconds * rate], rate)
+    return path
+
+
+def _fill_request(page, expect, audio: Path, steps: int) -> None:
+    page.locator("#ref-image input[type=file]").set_input_files(str(EXAMPLES / "portrait.png"))
+    page.locator("#audio1 input[type=file]").set_input_files(str(audio))
+    box = page.locator("#steps input")
+    box.fill(str(steps))
+    box.press("Tab")
+    expect(page.locator("#request-plan")).to_contain_text(f"steps that run: {steps}")
+    expect(page.locator("#request-plan")).to_contain_text("model calls: ")  # the audio length is known
+
+
+def _video_duration(page) -> float:
+    page.wait_for_function("() => { const v = document.querySelector('#result-video video');"
+                           " return v && v.readyState >= 1 && isFinite(v.duration); }", timeout=60_000)
+    return page.evaluate("document.querySelector('#result-video video').duration")
+
+
+def _pick(page, name: str, value: str) -> str:
+    """Choose `value` in the dropdown of load option `name`; returns the label the page shows for it."""
+    page.click(f"#{name.replace('_', '-')} input")
+    option = page.locator(f'li[role=option][aria-label="{value}"], li[role=option][aria-label^="{value} "]')
+    label = option.get_attribute("aria-label")
+    option.click()
+    return label
+
+
+@contextlib.contextmanager
+def _explained(server, **pages):
+    """On failure, add what each page showed and the server log's tail to the error."""
+    try:
+        yield
+    except Exception as err:
+        shown = []
+        for name, page in pages.items():
+            for box in ("#load-status", "#run-status", "#run-progress"):
+                try:
+                    shown.append(f"{name} {box}: {page.inner_text(box, timeout=2000)!r}")
+                except Exception:  # the page itself may be gone
+                    pass
+        tail = server["log"].read_text()[-3000:]
+        raise AssertionError(f"{err}\n--- page state:\n" + "\n".join(shown) + f"\n--- server log:\n{tail}") from err
+
+
+def _first_refused_choice() -> tuple[str, str]:
+    statuses = C.choice_status(LoadOptions(preset="tiny"), probe())
+    refused = [(name, s.value) for name, rows in statuses.items() for s in rows if not s.available]
+    preferred = [r for r in refused if r == ("attention", "flash_attn_3")]
+    if not (preferred or refused):
+        pytest.fail("every load choice runs on this machine; no refusal to test")
+    return (preferred or refused)[0]
+
+
+def test_ui_in_a_real_browser(server, page, sync_api, tmp_path):
+    expect = sync_api.expect
+    with _explained(server, page=page):
+        # 1. Generate before loading models: a message in the page, no traceback, the server keeps serving.
+        page.click("#run-btn")
+        expect(page.locator("#run-status")).to_contain_text(
+            "Not started. No models are loaded: press 'Load models' in the model panel first")
+        assert "Traceback" not in page.inner_text("body")
+
+        # 2. A choice this machine cannot run is listed with its reason and refused when picked; nothing loads.
+        name, value = _first_refused_choice()
+        label = _pick(page, name, value)
+        assert label.startswith(f"{value} — unavailable: ")
+        expect(page.locator("#load-check")).to_contain_text(f"Refused: {name}={value}: ")
+        page.click("#load-btn")
+        expect(page.locator("#load-status")).to_contain_text(f"Not loaded. Refused: {name}={value}: ")
+        page.click("#run-btn")
+        expect(page.locator("#run-status")).to_contain_text("No models are loaded")
+
+        # 3. Back to the default value: the load plan shows requested → effective, then the models load.
+        default = C.field_default(LoadOptions, name)
+        _pick(page, name, default)
+        expect(page.locator("#load-check")).to_contain_text(f"{name}: {default} → ")
+        page.click("#load-btn")
+        expect(page.locator("#load-status")).to_contain_text("Models loaded (tiny geometry on cpu",
+                                                             timeout=LONG_S * 1000)
+        plan = page.input_value("#load-plan textarea")
+        assert f"{name}: {default} → " in plan and "attention: auto → " in plan and "geometry: tiny" in plan
+
+        # 4. Upload a portrait and 3 s of speech, 2 steps; the request plan follows the controls.
+        _fill_request(page, expect, _speech(tmp_path, 3), steps=2)
+        plan_box = page.locator("#request-plan")
+        expect(plan_box).to_contain_text("chunks: 1 → 75 frames, 3.00 s of video")
+        expect(plan_box).to_contain_text("model calls: 6 (1 chunks × 2 steps × 3 passes)")
+
+        # 5. Generate: progress, a preview of the finished chunk, the video, the seed and the sidecar.
+        page.click("#run-btn")
+        status = page.locator("#run-status")
+        expect(status).to_contain_text("Done: 75 frames, 3.00 s, seed ", timeout=LONG_S * 1000)
+        expect(page.locator("#run-progress")).to_contain_text("chunk 1/1 · step 2/2")
+        seed = page.input_value("#seed-used textarea")
+        assert re.fullmatch(r"\d+", seed) and f"seed {seed}," in status.inner_text()
+        expect(page.locator("#previews img")).to_have_count(1)
+
+        duration = _video_duration(page)
+        assert abs(duration - 3.0) < 0.1, duration
+        page.evaluate("document.querySelector('#result-video video').muted = true;"
+                      "document.querySelector('#result-video video').play()")
+        page.wait_for_function("() => document.querySelector('#result-video video').currentTime > 0.3",
+                               timeout=30_000)
+        assert page.evaluate("document.querySelector('#result-video video').error") is None
+
+        served = page.request.get(page.evaluate("document.querySelector('#result-video video').currentSrc"))
+        assert served.ok
+        mp4 = tmp_path / "served.mp4"
+        mp4.write_bytes(served.body())
+        info = probe_media(mp4)
+        assert (info.frames, info.fps, info.video_codec, info.audio_codec) == (75, 25.0, "h264", "aac")
+        assert 3.0 - 1e-3 <= info.audio_duration <= 3.0 + 1024 / 16000 + 1e-3
+
+        sidecar_link = page.locator("#sidecar a").first
+        sidecar = json.loads(page.request.get(sidecar_link.get_attribute("href")).text())
+        assert sidecar["status"] == "completed" and sidecar["seed"] == int(seed)
+        assert sidecar["effective"]["steps"] == 2 and sidecar["effective"]["model_calls"] == 6
+        assert "Traceback" not in page.inner_text("body")
+
+
+def test_second_page_waits_with_its_position_and_cancel_keeps_the_finished_chunk(server, browser, sync_api,
+                                                                                  tmp_path):
+    expect = sync_api.expect
+    first, second = _open(browser, server["url"]), _open(browser, server["url"])
+    with _explained(server, first=first, second=second):
+        first.click("#load-btn")
+        expect(first.locator("#load-status")).to_contain_text("Models loaded", timeout=LONG_S * 1000)
+        # 2 chunks of 200 steps: chunk 2 runs long enough to be cancelled once chunk 1's preview shows
+        _fill_request(first, expect, _speech(tmp_path, 5), steps=200)
+        expect(first.locator("#request-plan")).to_contain_text("chunks: 2 → 125 frames")
+        _fill_request(second, expect, _speech(tmp_path, 3), steps=2)
+
+        first.click("#run-btn")
+        expect(first.locator("#run-progress")).to_contain_text("chunk 1/2", timeout=LONG_S * 1000)
+        second.click("#run-btn")
+        expect(second.locator("#run-status")).to_contain_text(
+            "Waiting for the GPU: position 2 in the queue (1 job ahead; one runs at a time).")
+
+        expect(first.locator("#previews img")).to_have_count(1, timeout=LONG_S * 1000)  # chunk 1 finished
+        first.click("#cancel-btn")
+        status = first.locator("#run-status")
+        expect(status).to_contain_text("Cancelled. cancelled at chunk 2/2", timeout=LONG_S * 1000)
+        expect(status).to_contain_text("the 81 finished frames are in ")
+        assert abs(_video_duration(first) - 81 / 25) < 0.1
+
+        expect(second.locator("#run-status")).to_contain_text("Done: 75 frames, 3.00 s", timeout=LONG_S * 1000)
+        assert abs(_video_duration(second) - 3.0) < 0.1

@@ -1,0 +1,200 @@
+"""The web UI's pure parts: schema → controls, availability and refusals of load choices, form → options, and the
+texts the page shows (no gradio, no browser)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from infinite_talk.errors import InputError, NotLoadedError, OptionError
+from infinite_talk.options import GenerateOptions, LoadOptions
+from infinite_talk.pipeline import InfiniteTalkPipeline
+from infinite_talk.plan.probe import simulated
+from infinite_talk.ui import app
+from infinite_talk.ui import controls as C
+
+CPU = simulated("cpu")
+H100 = simulated("h100")
+
+
+# ---- schema → controls -------------------------------------------------------------------------------------------
+def test_every_schema_field_has_a_control():
+    shown = set(app.MEDIA_FIELDS).union(*app.GENERATE_LAYOUT.values(), app.unplaced_generate_fields())
+    assert {f.name for f in dataclasses.fields(GenerateOptions)} - shown == {"out"}
+    load = C.LOAD_SPECIAL | set(C.component_fields()) | set(C.load_choice_fields()) | set(C.other_load_fields())
+    assert load == {f.name for f in dataclasses.fields(LoadOptions)}
+    assert {"quantization", "attention", "model_precision", "vae_precision"} <= set(C.load_choice_fields())
+
+
+def test_controls_carry_the_schema_help_choices_and_ranges():
+    meta = {f.name: f.metadata for f in dataclasses.fields(GenerateOptions)}
+    steps = C.field_spec(GenerateOptions, "steps")
+    assert (steps.kind, steps.minimum, steps.maximum, steps.integer, steps.default) == ("number", 1, 1000, True, 40)
+    assert steps.info == meta["steps"]["help"]
+    text = C.field_spec(GenerateOptions, "text_scale")
+    assert (text.kind, text.minimum, text.maximum, text.step, text.integer) == ("slider", 0.0, 50.0, 0.1, False)
+    sched = C.field_spec(GenerateOptions, "scheduler")
+    assert sched.kind == "dropdown" and [v for _, v in sched.choices] == list(meta["scheduler"]["choices"])
+    size = C.field_spec(GenerateOptions, "size")
+    assert size.kind == "radio" and [v for _, v in size.choices] == [480, 720]
+    assert C.field_spec(GenerateOptions, "use_apg").kind == "checkbox"
+    seed = C.field_spec(GenerateOptions, "seed")
+    assert seed.kind == "optional_number" and "random" in seed.info and C.widget_default(seed) == ""
+    assert C.field_spec(GenerateOptions, "max_seconds").kind == "optional_number"
+    assert C.field_spec(GenerateOptions, "bbox").kind == "lines"
+    quant = C.field_spec(LoadOptions, "quantization")
+    assert [v for _, v in quant.choices] == list(LoadOptions.__dataclass_fields__["quantization"].metadata["choices"])
+
+
+# ---- load choices: availability and refusals ----------------------------------------------------------------------
+def _status(statuses, name, value):
+    return next(s for s in statuses[name] if s.value == value)
+
+
+def test_unavailable_choices_stay_listed_with_the_planner_reason():
+    statuses = C.choice_status(LoadOptions(preset="tiny"), CPU)
+    fa3 = _status(statuses, "attention", "flash_attn_3")
+    assert not fa3.available and "needs a Hopper GPU (sm_90)" in fa3.reason
+    assert fa3.label.startswith("flash_attn_3 — unavailable: needs a Hopper GPU")
+    auto = _status(statuses, "attention", "auto")
+    assert auto.available and auto.effective == "sdpa-native" and auto.label == "auto → sdpa-native"
+    assert [s.value for s in statuses["attention"]] == list(
+        LoadOptions.__dataclass_fields__["attention"].metadata["choices"])
+    on_h100 = C.choice_status(LoadOptions(), H100)
+    assert _status(on_h100, "attention", "flash_attn_3").available
+    fp4 = _status(on_h100, "quantization", "fp4")
+    assert not fp4.available and "Blackwell" in fp4.reason
+
+
+def test_one_refused_choice_does_not_mark_the_other_options_refused():
+    statuses = C.choice_status(LoadOptions(attention="flash_attn_3"), CPU)
+    assert _status(statuses, "quantization", "disabled").available
+    assert _status(statuses, "model_precision", "fp32").available
+    assert not _status(statuses, "attention", "flash_attn_3").available
+
+
+def test_load_check_shows_the_plan_or_the_refusal():
+    ok = C.load_check_text(LoadOptions(preset="tiny"), CPU)
+    assert "attention: auto → sdpa-native (" in ok and "device: auto → cpu" in ok
+    refused = C.load_check_text(LoadOptions(preset="tiny", attention="flash_attn_3"), CPU)
+    assert refused.startswith("**Refused:** attention=flash_attn_3: needs a Hopper GPU")
+    assert "never swapped" in refused
+    table = C.availability_table(C.choice_status(LoadOptions(), CPU))
+    assert "| attention | flash_attn_3 | ✗ unavailable: needs a Hopper GPU" in table
+
+
+def test_model_panel_to_load_options():
+    values = {"attention": "sdpa", "model_precision": "fp32", "device": "cpu", "transformer": C.AUTO}
+    opts = C.load_options_from_form(C.SOURCE_TINY, values, None)
+    assert (opts.preset, opts.attention, opts.model_precision, opts.device) == ("tiny", "sdpa", "fp32", "cpu")
+    with pytest.raises(OptionError, match="tiny preset builds its own files"):
+        C.load_options_from_form(C.SOURCE_TINY, {"vae": "/models/vae.pth"}, None)
+    with pytest.raises(OptionError, match="--models-dir"):
+        C.load_options_from_form(C.SOURCE_FOLDER, {}, None)
+    folder = C.load_options_from_form(C.SOURCE_FOLDER, {"vae": "/m/vae.pth", "clip": C.AUTO}, "/m")
+    assert (folder.models_dir, folder.vae, folder.clip, folder.preset) == ("/m", "/m/vae.pth", None, None)
+    with pytest.raises(OptionError, match="attention: unknown value 'fast'"):
+        C.load_options_from_form(C.SOURCE_HUB, {"attention": "fast"}, None)
+
+
+def test_component_choices_list_found_files_and_group_dit_shards(tmp_path):
+    shards = tmp_path / "Wan2.1-I2V-14B-480P"
+    shards.mkdir()
+    files = [shards / f"diffusion_pytorch_model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    for f in files:
+        f.write_bytes(b"x")
+    vae = tmp_path / "Wan2.1_VAE.pth"
+    found = {"dit": files, "vae": [vae]}
+    pairs = C.component_choices(found, str(tmp_path))
+    assert pairs["transformer"][1:] == [("Wan2.1-I2V-14B-480P", str(shards))]
+    assert pairs["vae"][1:] == [("Wan2.1_VAE.pth", str(vae))]
+    assert all(p[0][1] == C.AUTO for p in pairs.values())
+
+
+# ---- generation panel → GenerateOptions ---------------------------------------------------------------------------
+def test_form_values_become_validated_options():
+    form = {"image": "/in/face.png", "video": "/in/clip.mp4", "audio": "/in/a.wav", "seed": "", "shift": "",
+            "max_seconds": "2.5", "steps": 4.0, "text_scale": 1.5, "bbox": "", "color_correction": ""}
+    req = C.request_from_form(C.TASK_IMAGE, form, out="/o/talk.mp4")
+    assert (req.image, req.video, req.seed, req.shift, req.max_seconds, req.steps) == (
+        "/in/face.png", None, None, None, 2.5, 4)
+    assert isinstance(req.steps, int) and req.text_scale == 1.5 and req.bbox is None and req.out == "/o/talk.mp4"
+    dub = C.request_from_form(C.TASK_VIDEO, form)
+    assert (dub.image, dub.video) == (None, "/in/clip.mp4")
+    assert C.request_from_form(C.TASK_IMAGE, {"seed": "12"}).seed == 12
+    with pytest.raises(OptionError, match="seed: '1.5' must be a whole number"):
+        C.request_from_form(C.TASK_IMAGE, {"seed": "1.5"})
+    with pytest.raises(OptionError, match=r"steps: 0 is outside \[1, 1000\]"):
+        C.request_from_form(C.TASK_IMAGE, {"steps": 0})
+    with pytest.raises(OptionError, match="shift: 'abc' is not a number"):
+        C.request_from_form(C.TASK_IMAGE, {"shift": "abc"})
+
+
+def test_speaker_boxes_parse_or_say_what_is_wrong():
+    assert C.parse_bbox("0, 0, 100, 200; 0,200,100,400") == [[0, 0, 100, 200], [0, 200, 100, 400]]
+    assert C.parse_bbox("[1 2 3 4]\n[5 6 7 8]") == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert C.parse_bbox("  ") is None
+    with pytest.raises(InputError, match="box 2 .* must be 4 whole numbers"):
+        C.parse_bbox("0,0,10,10; 1,2,3")
+
+
+def test_missing_inputs_are_named_as_on_the_page():
+    with pytest.raises(InputError, match="upload one under 'Reference image'"):
+        C.check_inputs(GenerateOptions(audio="/a.wav"), C.TASK_IMAGE)
+    with pytest.raises(InputError, match="'Reference video'"):
+        C.check_inputs(GenerateOptions(image="/i.png", audio="/a.wav"), C.TASK_VIDEO)
+    with pytest.raises(InputError, match="'Speaker 1 audio'"):
+        C.check_inputs(GenerateOptions(image="/i.png"), C.TASK_IMAGE)
+
+
+# ---- texts -------------------------------------------------------------------------------------------------------
+def test_plan_box_counts_steps_passes_chunks_and_calls():
+    pipe = InfiniteTalkPipeline()
+    plan = pipe.plan_request(GenerateOptions(steps=4, text_scale=1.0, audio_scale=1.0), audio_frames=200)
+    text = C.plan_box_text(plan)
+    assert "steps that run: 4" in text and "passes per step: 1 (cond;" in text
+    assert "chunks: 3 → 200 frames, 8.00 s" in text and "model calls: 12 (3 chunks × 4 steps × 1 passes)" in text
+    no_audio = C.plan_box_text(pipe.plan_request(GenerateOptions(steps=7)))
+    assert "known once speaker 1's audio is uploaded; model calls per chunk: 21" in no_audio
+
+
+def test_time_estimate_comes_from_the_last_run_at_the_same_size():
+    plan = InfiniteTalkPipeline().plan_request(GenerateOptions(steps=4), audio_frames=200)  # 3 chunks, 36 calls
+    assert "first run" in C.time_estimate(plan, None)
+    assert "first run" in C.time_estimate(plan, {"size": 720, "s_per_call": 1.0, "s_per_chunk": 1.0})
+    text = C.time_estimate(plan, {"size": 480, "s_per_call": 2.0, "s_per_chunk": 3.0})
+    assert text.startswith("≈ 81 s")  # 36 calls × 2 s + 3 chunks × 3 s
+
+
+def test_failures_become_one_message_without_a_traceback():
+    assert C.failure_text(NotLoadedError("Transformer is not loaded")) == "Transformer is not loaded"
+    oom = C.failure_text(MemoryError("cannot allocate 40 GiB"), GenerateOptions(size=720),
+                         LoadOptions(model_precision="fp32"), C.choice_status(LoadOptions(), CPU))
+    assert oom.startswith("Out of memory (MemoryError: cannot allocate 40 GiB)")
+    assert "resolution 480" in oom and "model precision fp16 or bf16 (half of fp32" in oom and "Finished chunks are kept" in oom
+    cuda_like = C.failure_text(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"))
+    assert cuda_like.startswith("Out of memory (RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB)")
+    other = C.failure_text(KeyError("boom"))
+    assert other.startswith("Internal error: KeyError: 'boom'.") and "server keeps running" in other
+    assert "Traceback" not in other
+
+
+def test_cli_has_the_ui_command_with_the_schema_help():
+    from infinite_talk.cli import build_parser
+
+    parser = build_parser()
+    ns = parser.parse_args(["ui", "--preset", "tiny", "--models-dir", "/m", "--host", "0.0.0.0", "--port", "7999"])
+    assert ns.func is app.cmd_ui
+    assert (ns.preset, ns.models_dir, ns.host, ns.port, ns.output_dir) == ("tiny", "/m", "0.0.0.0", 7999, "outputs")
+    ui_help = next(a for a in parser._subparsers._group_actions[0].choices["ui"]._actions if a.dest == "preset").help
+    assert ui_help == LoadOptions.__dataclass_fields__["preset"].metadata["help"]
+
+
+def test_a_mode_preset_fills_the_fields_visibly():
+    assert C.mode_preset({"mode": "standard"}, CPU) == ({}, {})
+    pytest.importorskip("infinite_talk.presets.fast")
+    load, generate = C.mode_preset({"mode": "fast", "lora": ["/l.safetensors"], "quantization": "int8"}, CPU)
+    assert load == {"quantization": "disabled"}  # fp8 would only store weights on a CPU: the preset says so
+    assert (generate["scheduler"], generate["steps"], generate["text_scale"], generate["audio_scale"]) == (
+        "distill4", 4, 1.0, 1.0)
