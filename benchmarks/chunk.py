@@ -14,12 +14,11 @@ The second chunk is the one timed (the first pays for compilation and the refere
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
-from dit_forward import build_model, grid, matmul_rate
+from dit_forward import build_model, device_name, grid, matmul_rate, peak_gib, report
 from infinite_talk.models.configs import GEOMETRIES
 from infinite_talk.models.vae import WanVae
 from infinite_talk.sampling.guidance import passes_for
@@ -118,7 +117,7 @@ def main() -> None:
     stages = {k: round(s1[k] - s0[k], 3) for k in s1}
     rate = matmul_rate(device, torch.bfloat16)
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "config": args.config, "size": [width, height], "frame_num": frame_num, "steps": args.steps,
         "passes_per_step": len(passes_for(args.text_scale, args.audio_scale)), "scheduler": args.scheduler,
         "attention": args.attention, "quantization": args.quantization, "compile": args.compile,
@@ -127,14 +126,9 @@ def main() -> None:
         "model_calls": c1 - c0, "seconds_per_model_call": round(stages["denoise"] / max(1, c1 - c0), 4),
         "new_frames": new_frames, "video_seconds": new_frames / FPS,
         "real_time_factor": round(chunk_s / (new_frames / FPS), 3),
-        "matmul_tflops_bf16": round(rate, 1),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-        "torch": torch.__version__,
+        "matmul_tflops_bf16": round(rate, 1), "peak_memory_gib": peak_gib(device), "torch": torch.__version__,
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

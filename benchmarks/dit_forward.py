@@ -66,6 +66,22 @@ def matmul_rate(device, dtype) -> float:
     return 2 * n**3 / statistics.median(timed(lambda: a @ b, device, 10)) / 1e12
 
 
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_gib(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def report(result: dict, out: str | None) -> None:
+    """Print the result and write it as JSON to `out` (when given)."""
+    print(json.dumps(result, indent=2))
+    if out:
+        with open(out, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
 def fp8_matmul_rate(device) -> float | None:
     """torch._scaled_mm e4m3 x e4m3 -> bf16 at 8192^3 (None where there are no fp8 GEMMs)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
@@ -157,7 +173,7 @@ def main() -> None:
     rate = matmul_rate(device, dtype)
     fp8_rate = fp8_matmul_rate(device)
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "config": args.config, "size": args.size, "dtype": args.dtype, "attention": args.attention,
         "quantization": args.quantization, "compile": args.compile,
         "speakers": args.speakers, "tokens": frames * (lat_h // 2) * (lat_w // 2),
@@ -166,13 +182,9 @@ def main() -> None:
         "matmul_tflops": round(rate, 1), "ratio_to_matmul": round(flops / seconds / 1e12 / rate, 3),
         "matmul_tflops_fp8": None if fp8_rate is None else round(fp8_rate, 1),
         "floor_s_at_matmul_rate": round(flops / (rate * 1e12), 4),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-        "torch": torch.__version__,
+        "peak_memory_gib": peak_gib(device), "torch": torch.__version__,
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+    report(result, args.out)
 
 
 if __name__ == "__main__":
