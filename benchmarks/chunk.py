@@ -71,10 +71,12 @@ def main() -> None:
     parser.add_argument("--quantization", default="disabled")
     parser.add_argument("--vae-dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune the VAE's 3-D convolutions")
     parser.add_argument("--out")
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     geometry = GEOMETRIES[args.config]
     cfg = geometry.dit
     frames, lat_h, lat_w = grid(args.config, args.size)
@@ -121,7 +123,7 @@ def main() -> None:
         "config": args.config, "size": [width, height], "frame_num": frame_num, "steps": args.steps,
         "passes_per_step": len(passes_for(args.text_scale, args.audio_scale)), "scheduler": args.scheduler,
         "attention": args.attention, "quantization": args.quantization, "compile": args.compile,
-        "vae_dtype": args.vae_dtype,
+        "vae_dtype": args.vae_dtype, "cudnn_benchmark": args.cudnn_benchmark,
         "first_chunk_s": round(t0 - start, 3), "chunk_s": round(chunk_s, 3), "stages_s": stages,
         "model_calls": c1 - c0, "seconds_per_model_call": round(stages["denoise"] / max(1, c1 - c0), 4),
         "new_frames": new_frames, "video_seconds": new_frames / FPS,
