@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from infinite_talk.errors import CheckpointError, NotLoadedError
+from infinite_talk.errors import CheckpointError, InfiniteTalkError, NotLoadedError
 from infinite_talk.media.mp4 import probe_media
 from infinite_talk.options import GenerateOptions, LoadOptions
 from infinite_talk.plan.probe import simulated
@@ -198,6 +198,12 @@ def test_with_a_data_dir_runs_go_through_the_job_service_queue(studio, tmp_path,
 
     queued = Studio(output_dir=tmp_path / "outputs", data_dir=tmp_path / "data", caps=studio.caps)
     queued.require_models()  # no local models needed: the service holds them
+    request = GenerateOptions(image=str(EXAMPLES / "portrait.png"), audio=str(wav3), steps=2, text_scale=1,
+                              audio_scale=1, seed=7, max_seconds=1.0, out=str(tmp_path / "outputs" / "q.mp4"))
+    with pytest.raises(InfiniteTalkError, match="no `infinite-talk serve --data-dir .*` is running"):
+        queued.run_generation(request)  # nobody works the queue: refused, not a page waiting forever
+    assert queued.store.list() == []
+    queued.store.acquire_runner_lock()  # what `serve` does; its worker runs in this process here
     service_models = InfiniteTalkPipeline()
     service_models.load_models(LoadOptions(preset="tiny", model_precision="fp32", vae_precision="fp32"))
     stop = threading.Event()
@@ -205,8 +211,6 @@ def test_with_a_data_dir_runs_go_through_the_job_service_queue(studio, tmp_path,
     worker.start()
     seen = []
     try:
-        request = GenerateOptions(image=str(EXAMPLES / "portrait.png"), audio=str(wav3), steps=2, text_scale=1,
-                                  audio_scale=1, seed=7, max_seconds=1.0, out=str(tmp_path / "outputs" / "q.mp4"))
         result = queued.run_generation(request, progress=seen.append)
     finally:
         stop.set()

@@ -126,9 +126,12 @@ class InfiniteTalkPipeline:
         vae = load_vae(files.vae, geometry, device=device, dtype=plan.vae_torch_dtype, tiling=plan.vae_tiling)
         say("loading text encoder")
         encoder_device = host if plan.encoders_offloaded else device  # then they visit the GPU only to encode
-        text_encoder = load_text_encoder(files.t5, files.t5_tokenizer, geometry, device=encoder_device,
+        # an fp8 T5 is quantized in host memory, then moved: the GPU never holds its 11 GB of bf16 weights
+        t5_device = host if options.t5_quantization != "disabled" else encoder_device
+        text_encoder = load_text_encoder(files.t5, files.t5_tokenizer, geometry, device=t5_device,
                                          dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
         t5_quantization = quantize_text_encoder(text_encoder.model, options.t5_quantization)
+        text_encoder.model.to(encoder_device)  # (the memory plan never offloads a quantized T5)
         say("loading image encoder")
         image_encoder = load_image_encoder(files.clip, geometry, device=encoder_device,
                                            dtype=torch.float32 if device.type == "cpu" else torch.float16)

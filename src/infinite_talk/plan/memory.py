@@ -592,6 +592,8 @@ class MemoryModel:
         tilings = [False, True] if vae_tiling == "auto" else [vae_tiling == "on"]
         for off in offloads:
             encoders = ([False, True] if offload == "auto" else [False]) if off == "none" else [True]
+            if self.t5_quantization != "disabled":  # an fp8 T5 cannot be streamed either (QUANTIZED_OFFLOAD)
+                encoders = [False]
             for enc in encoders:
                 for tiling in tilings:
                     yield Setting(off, tiling, enc)

@@ -201,6 +201,16 @@ class JobStore:
                               "use another --data-dir") from None
         self._lock_file = handle
 
+    def runner_active(self) -> bool:
+        """Whether a server holds this folder's runner lock (some process works the queue)."""
+        with open(self.root / "server.lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
     # ------------------------------------------------------------------------------------------------- submit
 
     def submit(self, reference: Source, audio: Source, audio2: Source | None = None,

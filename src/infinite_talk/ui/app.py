@@ -32,6 +32,7 @@ GENERATE_LAYOUT = {
 }
 log = logging.getLogger("infinite_talk.ui")
 MAX_JOBS = 16  # handlers that may wait in our GPU queue at once (beyond that, Gradio's own queue holds them)
+PLAN_QUEUE = {"concurrency_limit": 1, "concurrency_id": "request-plan"}  # plan-box updates: in order
 
 
 def generate_fields() -> tuple[str, ...]:
@@ -302,8 +303,10 @@ def build_app(studio: Studio):
             except Exception as err:
                 return f"**Cannot run:** {_message(err)}"
 
+        # One at a time, in order (PLAN_QUEUE): run in parallel, a slow update started by an audio upload could finish
+        # after a later one and show the plan of a stale form (seen in the browser test).
         gr.on([demo.load, task.change, *(comp.change for comp in gen.values())], plan_box, gen_inputs,
-              request_plan, show_progress="hidden", concurrency_limit=None, trigger_mode="always_last")
+              request_plan, show_progress="hidden", trigger_mode="always_last", **PLAN_QUEUE)
         task.change(lambda t: (gr.update(visible=t == C.TASK_IMAGE), gr.update(visible=t == C.TASK_VIDEO)), task,
                     [image_column, gen["video"]], show_progress="hidden", concurrency_limit=None)
 
@@ -325,7 +328,7 @@ def build_app(studio: Studio):
                             show_progress="hidden", concurrency_limit=None)
         load_btn.click(on_load, load_inputs, [load_status, load_plan, load_check], concurrency_limit=MAX_JOBS,
                        concurrency_id="gpu-jobs", show_progress="minimal").then(
-            plan_box, gen_inputs, request_plan, show_progress="hidden", concurrency_limit=None)
+            plan_box, gen_inputs, request_plan, show_progress="hidden", **PLAN_QUEUE)
 
         def on_generate(data, request: gr.Request):
             yield {run_status: "Checking the request…", run_progress: ""}
@@ -390,7 +393,7 @@ def build_app(studio: Studio):
 
         run_btn.click(on_generate, gen_inputs, [run_status, run_progress, previews, result_video, sidecar, seed_used],
                       concurrency_limit=MAX_JOBS, concurrency_id="gpu-jobs", show_progress="minimal").then(
-            plan_box, gen_inputs, request_plan, show_progress="hidden", concurrency_limit=None)
+            plan_box, gen_inputs, request_plan, show_progress="hidden", **PLAN_QUEUE)
 
         def on_cancel(request: gr.Request):
             return f"**{studio.cancel(request.session_hash)}**"

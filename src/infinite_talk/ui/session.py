@@ -246,6 +246,10 @@ class Studio:
         from ..service.store import FINAL_STATES
         from ..service.worker import SIDECAR_NAME, VIDEO_NAME
 
+        stopped = (f"no `infinite-talk serve --data-dir {self.store.root}` is running to work the queue; start one "
+                   "(submitted jobs wait for it)")
+        if not self.store.runner_active():  # refuse rather than wait on a queue nobody works
+            raise InfiniteTalkError(stopped)
         unset = {"image": None, "video": None, "audio": None, "audio2": None, "out": None}
         job = self.store.submit(Path(request.image or request.video), Path(request.audio),
                                 Path(request.audio2) if request.audio2 else None,
@@ -257,6 +261,8 @@ class Studio:
                 progress(job.progress)
             time.sleep(poll_s)
             job = self.store.get(job.id)
+            if job.state not in FINAL_STATES and not self.store.runner_active():
+                raise InfiniteTalkError(f"{stopped}; job {job.id} is kept and continues when it restarts")
         folder, out = self.store.folder(job.id), Path(request.out)
         for name, dest in ((VIDEO_NAME, out), (SIDECAR_NAME, out.with_suffix(".json"))):
             if (folder / name).is_file():
