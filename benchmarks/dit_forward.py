@@ -150,6 +150,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--speakers", type=int, choices=[1, 2], default=1)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--parity-layers", type=int, default=0,
+                        help="also compare the first N blocks of this configuration with float32 math (rel-L2)")
     parser.add_argument("--out")
     args = parser.parse_args()
 
@@ -184,7 +186,25 @@ def main() -> None:
         "floor_s_at_matmul_rate": round(flops / (rate * 1e12), 4),
         "peak_memory_gib": peak_gib(device), "torch": torch.__version__,
     }
+    if args.parity_layers:
+        del model
+        result["parity"] = parity(cfg, device, dtype, args, inputs)
     report(result, args.out)
+
+
+def parity(cfg, device, dtype, args, inputs) -> dict:
+    """rel-L2 of the first `--parity-layers` blocks (this configuration, eager) against the same random weights in
+    float32 with SDPA."""
+    layers = args.parity_layers
+    outs = {}
+    for label, build in (("fp32", (torch.float32, "native", "disabled")),
+                         ("this", (dtype, args.attention, args.quantization))):
+        model = build_model(cfg, device, *build, layers=layers)
+        with torch.inference_mode():
+            outs[label] = model(**inputs).float()
+        del model
+    ref = outs["fp32"]
+    return {"layers": layers, "rel_l2_vs_fp32": round(float((outs["this"] - ref).norm() / ref.norm()), 5)}
 
 
 if __name__ == "__main__":

@@ -154,14 +154,29 @@ def test_auto_takes_the_fewest_copies_that_fit(free_gib, quantization):
 
 
 @pytest.mark.parametrize("quantization", ["fp8-storage", "int8-weight-only", "nf4"])
-def test_quantized_transformers_are_never_swapped(quantization):
-    """diffusers' group offloading cannot move torchao tensors (H200, torchao 0.18): auto keeps them whole and an
-    explicit swap is refused with the reason."""
+def test_quantized_transformers_swap_blocks_but_are_never_streamed_leaf_by_leaf(quantization):
+    """Quantized blocks swap in compact form (our hook); diffusers' leaf-level offloading cannot move torchao
+    tensors (H200, torchao 0.18): auto never picks `sequential` for them and an explicit request is refused."""
     model = MemoryModel(GEOMETRY_14B, quantization=quantization, attention_backend="_native_cudnn")
-    assert {s.offload for s in model.candidates()} == {"none"}
-    with pytest.raises(OptionError, match=r"^offload=blocks:8: swapping quantized blocks does not work"):
-        resolve(LoadOptions(quantization={"fp8-storage": "fp8", "int8-weight-only": "int8", "nf4": "nf4"}
-                            [quantization], offload="blocks:8"), _gpu(23.0))
+    offloads = {s.offload for s in model.candidates()}
+    assert "sequential" not in offloads and {"none", "blocks:1", "blocks:40"} <= offloads
+    flag = {"fp8-storage": "fp8", "int8-weight-only": "int8", "nf4": "nf4"}[quantization]
+    plan = resolve(LoadOptions(quantization=flag, offload="blocks:8"), _gpu(23.0))
+    assert plan.offload == "blocks:8"
+    with pytest.raises(OptionError, match=r"^offload=sequential: leaf-level offloading of quantized layers does not "
+                                          r"work.*; use --offload blocks:40 \(every block swapped in its compact"):
+        resolve(LoadOptions(quantization=flag, offload="sequential"), _gpu(23.0))
+
+
+def test_a_quantized_transformer_is_swapped_when_it_does_not_fit_whole():
+    """int8 at 480p: ~15 GiB of block weights; with 12 GiB free auto swaps blocks instead of refusing."""
+    model = MemoryModel(GEOMETRY_14B, quantization="int8-weight-only", attention_backend="_native_cudnn")
+    whole = model.estimate(Setting("none", False, True), SHAPE_480)
+    est, fits = model.choose(11.25 * GIB, SHAPE_480)
+    assert whole.peak > 11.25 * GIB and fits and est.setting.offload.startswith("blocks:")
+    n = int(est.setting.offload.split(":")[1])
+    smaller = model.estimate(dataclasses.replace(est.setting, offload=f"blocks:{n - 1}"), SHAPE_480)
+    assert not smaller.fits(11.25 * GIB)  # the fewest swapped blocks that fit
 
 
 def test_a_quantized_t5_is_never_streamed():
@@ -215,7 +230,7 @@ def test_suggestions_fit_the_request():
     assert fits[0] == best.setting.flags() and fits[0].startswith("--offload blocks:")
     quantized = [f for f in fits if f.startswith("--quantization")]
     assert {f.split()[1] for f in quantized} == {"fp8", "int8"}
-    assert not any("blocks:" in f or "sequential" in f for f in quantized)  # quantized weights are never swapped
+    assert not any("sequential" in f for f in quantized)  # quantized layers are never streamed leaf by leaf
 
 
 # ---- out of memory in a chunk --------------------------------------------------------------------------------------

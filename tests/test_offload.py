@@ -146,16 +146,61 @@ def test_all_blocks_swapped_chain_their_copies():
     assert offloaded_groups(model) == {} and torch.equal(run(model), expected)
 
 
-def test_quantized_blocks_are_swapped_in_their_compact_form():
+@pytest.mark.parametrize("mode, tensor_type", [("int8-weight-only", "Int8Tensor"), ("fp8-storage", "Float8Tensor"),
+                                               ("nf4", "NF4Tensor")])
+def test_quantized_blocks_are_swapped_in_their_compact_form(mode, tensor_type):
     model = six_block_model()
-    quantize_transformer(model, "int8-weight-only", "cpu")
+    quantize_transformer(model, mode, "cpu")
     expected = run(model)
     report = apply_block_swap(model, 3, "cpu", use_stream=False, prefetch=True)
-    assert torch.equal(run(model), expected)
-    for i in report["swapped_blocks"]:
-        assert type(model.blocks[i].ffn.net[2].weight).__name__ == "Int8Tensor"
-    full = sum(p.numel() * 4 for i in report["swapped_blocks"] for p in model.blocks[i].parameters())
+    assert report["mechanism"] == "compact (quantized tensors)"
+    swapped = report["swapped_blocks"]
+    assert offloaded_blocks(model) == swapped == [1, 3, 5]
+    groups = offloaded_groups(model)
+    assert all(isinstance(g, offload.CompactBlockGroup) for g in groups.values())
+    full = sum(p.numel() * 4 for i in swapped for p in model.blocks[i].parameters())
     assert report["swapped_bytes"] < 0.5 * full
+
+    events = []
+    for name, group in groups.items():
+        i = int(name.split(".")[1])
+        for kind in ("onload_", "offload_"):
+            original = getattr(group, kind)
+            setattr(group, kind, lambda i=i, kind=kind, original=original: (events.append((kind[:-1], i)),
+                                                                             original())[1])
+    weights_seen = {}
+    for i, block in enumerate(model.blocks):
+        block.attn1.register_forward_pre_hook(lambda *_, i=i: events.append(("run", i)))
+        block.ffn.register_forward_pre_hook(lambda module, _, i=i: weights_seen.update({i: module.net[2].weight}))
+    assert torch.equal(run(model), expected)
+    for i in swapped:
+        assert type(weights_seen[i]).__name__ == tensor_type  # it ran on the compact copy
+        assert events.index(("onload", i)) < events.index(("run", i - 1)) < events.index(("run", i))  # prefetched
+        assert events.index(("run", i)) < events.index(("offload", i))
+    # after the call each swapped block points at its host copies again
+    host = {id(slot[3]) for g in groups.values() for slot in g.slots}
+    assert all(id(p) in host for i in swapped for p in model.blocks[i].parameters())
+    remove_offload(model)
+    assert offloaded_groups(model) == {} and torch.equal(run(model), expected)
+
+
+@pytest.mark.parametrize("mode", ["int8-weight-only", "fp8-storage", "nf4"])
+def test_compact_copy_keeps_the_quantized_form_and_moves_every_inner_tensor(mode):
+    """What the GPU copy does, checked with the meta device (no GPU here): the subclass, its inner tensors and its
+    recorded device all move; nothing is dequantized."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    model = six_block_model()
+    quantize_transformer(model, mode, "cpu")
+    weight = model.blocks[0].ffn.net[0].proj.weight
+    moved = offload.copy_tensor(weight, "meta")
+    assert type(moved) is type(weight) and moved.shape == weight.shape and moved.device.type == "meta"
+    names, _ = moved.__tensor_flatten__()
+    inner = [getattr(moved, n) for n in names]
+    assert inner and all(t.device.type == "meta" and not is_traceable_wrapper_subclass(t) for t in inner)
+    back = offload.copy_tensor(weight, "cpu")
+    x = torch.randn(3, weight.shape[1])
+    assert torch.equal(torch.nn.functional.linear(x, back), torch.nn.functional.linear(x, weight))
 
 
 def test_sequential_streams_every_layer():

@@ -9,8 +9,11 @@ Settings (`LoadOptions.offload`; the memory plan resolves `auto`, `plan/memory.p
   `apply_group_offloading(offload_type="block_level")` cannot do this: it offloads *every* block of a ModuleList.
   The swapped blocks are spread evenly (every other block for N <= L/2), so a swapped block usually follows a
   resident one: its copy overlaps that block's compute and at most one swapped block occupies the GPU at a time
-  (two when N > L/2). Quantized weights (torchao tensors) are swapped in their compact form (diffusers moves their
-  inner tensors).
+  (two when N > L/2). Quantized blocks (torchao fp8/int8/NF4 tensor subclasses) are swapped in their compact form
+  by `CompactBlockSwap`, our equivalent of diffusers' hook: diffusers' copy (`param.data = pinned.to(...,
+  non_blocking=True)`) fails on them with torchao 0.18 (seen on an H200: torchao asserts on `non_blocking`, and a
+  plain copy then fails on the storage swap), so ours copies their inner tensors (`__tensor_flatten__`) and
+  rebuilds the parameter around them.
 * `sequential` — diffusers leaf-level group offloading (`apply_group_offloading(offload_type="leaf_level")`, with a
   stream on CUDA): every layer is copied just before it runs. Least GPU memory, most copying.
 
@@ -24,6 +27,8 @@ themselves run with onload and offload device both "cpu" (no stream), which is h
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import re
 from typing import TYPE_CHECKING
@@ -41,6 +46,7 @@ _GROUP_OFFLOADING = "group_offloading"  # diffusers.hooks.group_offloading._GROU
 MAX_BLOCKS = 40  # the 14B transformer; smaller geometries are checked against their own block count
 OFFLOAD_FORMS = "auto, none, sequential or blocks:N (N transformer blocks kept in host memory, 1-40)"
 _PREFETCH = "infinite_talk_prefetch"
+_COMPACT_SWAP = "infinite_talk_compact_swap"
 _BLOCKS = re.compile(r"blocks:(\d+)")
 
 
@@ -112,6 +118,129 @@ def _move_resident(model: torch.nn.Module, device: torch.device, skip: set[int])
             tensor.data = tensor.data.to(device)
 
 
+def is_quantized_tensor(tensor: torch.Tensor) -> bool:
+    """A torchao-style tensor subclass whose data lives in inner tensors (fp8/int8/NF4 weights)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return is_traceable_wrapper_subclass(tensor)
+
+
+def _map_inner(tensor: torch.Tensor, fn, device: torch.device | None = None) -> torch.Tensor:
+    """`fn` applied to every plain tensor inside `tensor` (recursing into tensor subclasses), the subclass rebuilt
+    around the results. `device` is where the results live: written into the subclass' metadata where it keeps
+    one (NF4 records its device in `tensor_meta`; Float8/Int8 take it from their inner tensors)."""
+    if not is_quantized_tensor(tensor):
+        return fn(tensor)
+    names, ctx = tensor.__tensor_flatten__()
+    inner = {name: _map_inner(getattr(tensor, name), fn, device) for name in names}
+    meta = ctx.get("tensor_meta") if isinstance(ctx, dict) else None
+    if device is not None and getattr(meta, "device", None) is not None:
+        replace = meta._replace if hasattr(meta, "_replace") else functools.partial(dataclasses.replace, meta)
+        ctx = {**ctx, "tensor_meta": replace(device=device)}
+    return type(tensor).__tensor_unflatten__(inner, ctx, tensor.size(), tensor.stride())
+
+
+def copy_tensor(tensor: torch.Tensor, device, non_blocking: bool = False) -> torch.Tensor:
+    """`tensor` on `device`; a quantized subclass keeps its compact form (its inner tensors are copied)."""
+    device = torch.device(device)
+    return _map_inner(tensor, lambda t: t.to(device, non_blocking=non_blocking), device)
+
+
+def pin_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A page-locked host copy (inner tensors pinned for a quantized subclass), for asynchronous copies."""
+    return _map_inner(tensor, lambda t: t.pin_memory(), torch.device("cpu"))
+
+
+def _record_stream(tensor: torch.Tensor, stream) -> None:
+    """Tell the caching allocator `tensor` (copied on a side stream) is used on `stream`, so its memory is not
+    handed to the next copy before the compute that reads it has finished."""
+    _map_inner(tensor, lambda t: (t.record_stream(stream), t)[1])
+
+
+class CompactBlockGroup:
+    """The weights of one quantized block: pinned host copies, and GPU copies while the block runs.
+
+    `onload_()` starts copying every parameter and buffer of the block to the GPU (on the side stream when there is
+    one); `offload_()` points the block back at its host copies, which frees the GPU copies. Same interface as
+    diffusers' `ModuleGroup` where the rest of this module uses it (`modules`, `onload_`, `offload_`)."""
+
+    def __init__(self, block: torch.nn.Module, onload: torch.device, stream, pin: bool):
+        self.modules = [block]
+        self.parameters, self.buffers = [], []
+        self.onload_leader = self.offload_leader = block
+        self.onload_self = False
+        self.onload_device, self.stream = onload, stream
+        self.slots = []  # (module, "_parameters" | "_buffers", name, host tensor)
+        for module in block.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, tensor in getattr(module, kind).items():
+                    if tensor is None:
+                        continue
+                    host = copy_tensor(tensor.detach(), "cpu")
+                    host = pin_tensor(host) if pin else host
+                    if kind == "_parameters":  # made once here: a Parameter cannot be made in inference mode
+                        host = torch.nn.Parameter(host, requires_grad=False)
+                    self.slots.append((module, kind, name, host))
+        self.event = None
+        self.onloaded = False
+        self.offload_()
+
+    def onload_(self) -> None:
+        if self.onloaded:
+            return
+        context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with context:
+            for module, kind, name, host in self.slots:
+                # the GPU copy goes in as a plain tensor (the layers only read it), the host Parameter comes back after
+                getattr(module, kind)[name] = copy_tensor(host, self.onload_device, self.stream is not None)
+            if self.stream is not None:
+                self.event = self.stream.record_event()
+        self.onloaded = True
+
+    def wait(self) -> None:
+        """Make the compute stream wait for the copy, and keep the copies alive until that compute is done."""
+        if self.event is None:
+            return
+        current = torch.cuda.current_stream(self.onload_device)
+        current.wait_event(self.event)
+        for module, kind, name, _ in self.slots:
+            _record_stream(getattr(module, kind)[name], current)
+        self.event = None
+
+    def offload_(self) -> None:
+        for module, kind, name, host in self.slots:
+            getattr(module, kind)[name] = host
+        self.onloaded = False
+
+
+@functools.cache
+def _compact_swap_class():
+    from diffusers.hooks import ModelHook
+
+    class CompactBlockSwap(ModelHook):
+        """On a quantized swapped block: its weights onto the GPU before it runs (unless prefetched), back to the
+        host copies after."""
+
+        def __init__(self, group: CompactBlockGroup):
+            super().__init__()
+            self.group = group
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.group.onload_()
+            self.group.wait()
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            self.group.offload_()
+            return output
+
+    return CompactBlockSwap
+
+
+def _has_quantized_weights(block: torch.nn.Module) -> bool:
+    return any(is_quantized_tensor(p) for p in block.parameters())
+
+
 def apply_block_swap(model: torch.nn.Module, n: int, onload_device, offload_device="cpu",
                      use_stream: bool | None = None, prefetch: bool | None = None) -> dict:
     """Keep `n` of `model.blocks` in (pinned, with a stream) host memory; the rest of the model goes to
@@ -135,9 +264,13 @@ def apply_block_swap(model: torch.nn.Module, n: int, onload_device, offload_devi
                                    offload_type=GroupOffloadingType.BLOCK_LEVEL, non_blocking=use_stream,
                                    record_stream=False, low_cpu_mem_usage=False, num_blocks_per_group=1,
                                    stream=stream)
-    groups: dict[int, ModuleGroup] = {}
+    groups: dict[int, ModuleGroup | CompactBlockGroup] = {}
     for i in swapped:
         block = blocks[i]
+        if _has_quantized_weights(block):
+            groups[i] = CompactBlockGroup(block, onload, stream, pin=use_stream)
+            _registry(block).register_hook(_compact_swap_class()(groups[i]), _COMPACT_SWAP)
+            continue
         # building the group pins a host copy of this block (with a stream); registering the hook offloads it,
         # so host memory holds one extra block at a time while this runs
         groups[i] = ModuleGroup([block], offload_device=offload, onload_device=onload, offload_leader=block,
@@ -146,13 +279,17 @@ def apply_block_swap(model: torch.nn.Module, n: int, onload_device, offload_devi
         _registry(block).register_hook(GroupOffloadingHook(groups[i], config=config), _GROUP_OFFLOADING)
     if prefetch:
         for i, group in groups.items():
-            if i - 1 in groups:  # the previous block is swapped too: its hook starts this copy (diffusers' chain)
+            if i - 1 in groups and isinstance(groups[i - 1], ModuleGroup) and isinstance(group, ModuleGroup):
+                # the previous block is swapped too: its hook starts this copy (diffusers' chain)
                 _registry(blocks[i - 1]).get_hook(_GROUP_OFFLOADING).next_group = group
-            else:  # a resident block, or the model itself for block 0, starts it
+            else:  # a resident (or compact-swapped) block, or the model itself for block 0, starts it
                 trigger = blocks[i - 1] if i > 0 else model
                 _registry(trigger).register_hook(_prefetch_class()(group), _PREFETCH)
     per_block = [_group_bytes(groups[i]) for i in swapped]
+    compact = sum(isinstance(g, CompactBlockGroup) for g in groups.values())
     return {"offload": f"blocks:{n}", "swapped_blocks": swapped, "swapped_bytes": sum(per_block),
+            "mechanism": "diffusers ModuleGroup" if not compact else "compact (quantized tensors)" if
+            compact == len(groups) else f"compact for {compact} quantized blocks, diffusers for the rest",
             "stream": use_stream, "prefetch": prefetch, "pinned": use_stream,
             "blocks_in_flight": blocks_in_flight(len(blocks), n)}
 
@@ -215,7 +352,7 @@ def offloaded_groups(model: torch.nn.Module) -> dict[str, ModuleGroup]:
     out = {}
     for name, module in model.named_modules():
         hook = getattr(module, "_diffusers_hook", None)
-        hook = hook.get_hook(_GROUP_OFFLOADING) if hook is not None else None
+        hook = (hook.get_hook(_GROUP_OFFLOADING) or hook.get_hook(_COMPACT_SWAP)) if hook is not None else None
         if hook is not None and (hook.group.modules or hook.group.parameters or hook.group.buffers):
             out[name] = hook.group
     return out
@@ -240,6 +377,7 @@ def remove_offload(model: torch.nn.Module) -> None:
     registry = _registry(model)
     registry.remove_hook(_GROUP_OFFLOADING, recurse=True)
     registry.remove_hook(_PREFETCH, recurse=True)
+    registry.remove_hook(_COMPACT_SWAP, recurse=True)
     for name in ("layer_execution_tracker", "lazy_prefetch_group_offloading"):
         registry.remove_hook(name, recurse=True)
 

@@ -586,9 +586,9 @@ class MemoryModel:
     def candidates(self, offload: str = "auto", vae_tiling: str = "auto"):
         """Settings in the order `auto` tries them (fewest copies first)."""
         num = len(self.transformer.blocks)
-        swappable = self.quantization == "disabled"  # see QUANTIZED_OFFLOAD
-        offloads = ["none"] + ([f"blocks:{i}" for i in range(1, num + 1)] + ["sequential"] if swappable else []) \
-            if offload == "auto" else [offload]
+        leaf_level = ["sequential"] if self.quantization == "disabled" else []  # see QUANTIZED_OFFLOAD
+        offloads = ["none"] + [f"blocks:{i}" for i in range(1, num + 1)] + leaf_level if offload == "auto" \
+            else [offload]
         tilings = [False, True] if vae_tiling == "auto" else [vae_tiling == "on"]
         for off in offloads:
             encoders = ([False, True] if offload == "auto" else [False]) if off == "none" else [True]
@@ -698,10 +698,11 @@ def _live_free_gib(caps, device: str) -> float | None:
 
 # Measured on an H200 (torch 2.11, diffusers 0.42.1, torchao 0.18): diffusers' group offloading cannot move torchao
 # tensors — `Tensor.to(..., non_blocking=...)` trips torchao's assertion, and without it the storage swap fails
-# ("Attempted to set the storage of a tensor on device cuda:0 to a storage on different device cpu"). So quantized
-# transformers are never swapped: explicit requests are refused, `auto` only considers keeping them whole.
-QUANTIZED_OFFLOAD = ("swapping quantized blocks does not work with diffusers' group offloading and torchao 0.18 "
-                     "(their tensors cannot be copied between host and GPU by it; seen on an H200)")
+# ("Attempted to set the storage of a tensor on device cuda:0 to a storage on different device cpu"). Quantized blocks
+# are therefore swapped by our compact hook (`models/offload.py`, `CompactBlockGroup`); leaf-level `sequential` is
+# diffusers' alone and stays refused for them (`blocks:40` swaps every block, in compact form).
+QUANTIZED_OFFLOAD = ("leaf-level offloading of quantized layers does not work with diffusers' group offloading and "
+                     "torchao 0.18 (their tensors cannot be copied by it; seen on an H200)")
 
 
 def plan_memory(options, caps, *, device: str, model_dtype: str, vae_dtype: str, quantization: str,
@@ -724,9 +725,10 @@ def plan_memory(options, caps, *, device: str, model_dtype: str, vae_dtype: str,
                   "off": Resolved("off", "off", "requested")}[options.vae_tiling]
         return MemoryPlan(offload, tiling, False, None, None, shape)
 
-    if quantization != "disabled" and kind in ("blocks", "sequential"):
-        raise OptionError(f"offload={options.offload}: {QUANTIZED_OFFLOAD}; use --quantization disabled with "
-                          f"--offload {options.offload}, or --offload none with quantization={quantization}")
+    if quantization != "disabled" and kind == "sequential":
+        raise OptionError(f"offload=sequential: {QUANTIZED_OFFLOAD}; use --offload blocks:{geometry.dit.num_layers} "
+                          f"(every block swapped in its compact {quantization} form), or --quantization disabled "
+                          "with --offload sequential")
     model = MemoryModel(geometry, model_dtype, vae_dtype, quantization, t5_quantization, attention_backend)
     free = (free_gib if free_gib is not None else _live_free_gib(caps, device)) * GIB
     sm = caps.gpu.capability if caps.gpu else None
