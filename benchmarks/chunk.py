@@ -87,6 +87,8 @@ def main() -> None:
         for block in model.blocks:
             block.compile()
     vae = random_vae(geometry, device, torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32)
+    if device.type == "cuda":
+        vae.use_channels_last()  # as load_vae does
     clip = RandomClip(geometry, device, torch.float16 if device.type == "cuda" else torch.float32)
 
     g = torch.Generator().manual_seed(0)
@@ -124,6 +126,7 @@ def main() -> None:
         "passes_per_step": len(passes_for(args.text_scale, args.audio_scale)), "scheduler": args.scheduler,
         "attention": args.attention, "quantization": args.quantization, "compile": args.compile,
         "vae_dtype": args.vae_dtype, "cudnn_benchmark": args.cudnn_benchmark,
+        "vae_channels_last": device.type == "cuda",
         "first_chunk_s": round(t0 - start, 3), "chunk_s": round(chunk_s, 3), "stages_s": stages,
         "model_calls": c1 - c0, "seconds_per_model_call": round(stages["denoise"] / max(1, c1 - c0), 4),
         "new_frames": new_frames, "video_seconds": new_frames / FPS,

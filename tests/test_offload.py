@@ -173,12 +173,16 @@ def test_quantized_blocks_are_swapped_in_their_compact_form(mode, tensor_type):
         block.attn1.register_forward_pre_hook(lambda *_, i=i: events.append(("run", i)))
         block.ffn.register_forward_pre_hook(lambda module, _, i=i: weights_seen.update({i: module.net[2].weight}))
     assert torch.equal(run(model), expected)
+    pool = groups["blocks.1"].slots
+    assert all(g.slots is pool for g in groups.values()) and len(pool.buffers) == blocks_in_flight(6, 3) == 1
+    slot_memory = {b.data_ptr() for buffers in pool.buffers for b in buffers}
     for i in swapped:
-        assert type(weights_seen[i]).__name__ == tensor_type  # it ran on the compact copy
+        assert type(weights_seen[i]).__name__ == tensor_type  # it ran on the compact copy, in the shared GPU slot
+        assert {t.data_ptr() for t in offload._leaves(weights_seen[i])} <= slot_memory
         assert events.index(("onload", i)) < events.index(("run", i - 1)) < events.index(("run", i))  # prefetched
         assert events.index(("run", i)) < events.index(("offload", i))
     # after the call each swapped block points at its host copies again
-    host = {id(slot[3]) for g in groups.values() for slot in g.slots}
+    host = {id(entry[3]) for g in groups.values() for entry in g.entries}
     assert all(id(p) in host for i in swapped for p in model.blocks[i].parameters())
     remove_offload(model)
     assert offloaded_groups(model) == {} and torch.equal(run(model), expected)

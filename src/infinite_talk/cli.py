@@ -123,29 +123,42 @@ def _progress_printer():
     return show
 
 
-def cmd_generate(ns: argparse.Namespace) -> int:
-    from .pipeline import InfiniteTalkPipeline
+def _generate_options(ns: argparse.Namespace) -> tuple[LoadOptions, GenerateOptions]:
     from .presets.fast import apply_mode
-    from .presets.fast import plan_lines as mode_lines
 
     base = from_reference_json(ns.input_json) if ns.input_json else {}
     # a --mode preset fills only the values not given explicitly; the plan shows what it set
     load_values, generate_values = apply_mode(_values(LoadOptions, ns), _values(GenerateOptions, ns, base))
-    load = LoadOptions(**load_values).validate()
-    request = GenerateOptions(**generate_values).validate()
+    return LoadOptions(**load_values).validate(), GenerateOptions(**generate_values).validate()
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from .parallel.launch import world_from_env
+    from .pipeline import InfiniteTalkPipeline
+    from .presets.fast import plan_lines as mode_lines
+
+    world = world_from_env()
+    if not world.is_leader:  # another process of a torchrun job: runs rank 0's transformer calls, writes nothing
+        from .parallel.follower import run_follower
+
+        return run_follower(lambda: _generate_options(ns)[0], world, ns.debug, ns.dry_run)
+    load, request = _generate_options(ns)
     pipe = InfiniteTalkPipeline()
     if ns.dry_run:
         print(json.dumps({**pipe.plan_request(request), "mode_lines": mode_lines(load, request)}, indent=2))
         return 0
-    plan = pipe.load_models(load, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print("plan:", file=sys.stderr)
-    for line in plan.get("lines", []):
-        print("  " + line, file=sys.stderr)
-    for line in mode_lines(load, request, sampling_only=True):
-        print("  " + line, file=sys.stderr)
-    for note in plan.get("notes", []):
-        print("note: " + note, file=sys.stderr)
-    result = pipe.generate(request, progress=_progress_printer())
+    try:
+        plan = pipe.load_models(load, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print("plan:", file=sys.stderr)
+        for line in plan.get("lines", []):
+            print("  " + line, file=sys.stderr)
+        for line in mode_lines(load, request, sampling_only=True):
+            print("  " + line, file=sys.stderr)
+        for note in plan.get("notes", []):
+            print("note: " + note, file=sys.stderr)
+        result = pipe.generate(request, progress=_progress_printer())
+    finally:
+        pipe.release_processes()  # a torchrun job's other processes stop with rank 0
     eff = result.sidecar["effective"]
     print(f"wrote {result.video_path} ({result.frames} frames, {result.duration_s:.2f} s, seed {result.seed}, "
           f"{eff['scheduler']} {eff['steps']} steps × {eff['passes_per_step']} passes) and {result.sidecar_path}")

@@ -78,6 +78,12 @@ class LoadOptions:
     mode: str = opt("standard", "'fast': a step-distilled LoRA (--lora) with 4 steps, 1 pass per step and fp8 where "
                     "this GPU runs fp8 matmuls; values you set yourself win (see presets/fast.py)",
                     choices=("standard", "fast"))
+    ulysses: int | None = opt(None, "sequence parallel over the processes of a torchrun job (torchrun --nproc-per-node "
+                              "N -m infinite_talk.cli generate ...): how many split the attention heads (Ulysses "
+                              "all-to-all); default: the number of processes / ring", minimum=1, maximum=4096)
+    ring: int | None = opt(None, "sequence parallel: how many pass key/value blocks around a ring (ring attention, "
+                           "for long sequences); ulysses × ring = the number of processes; default 1",
+                           minimum=1, maximum=4096)
 
     def validate(self) -> LoadOptions:
         _check_choices(self)

@@ -28,6 +28,7 @@ from .model_files import ModelFiles, resolve_model_files
 from .models.configs import Geometry
 from .models.lora import apply_loras
 from .options import GenerateOptions, LoadOptions, to_dict
+from .parallel.launch import PeerError
 from .presets.fast import plan_lines as fast_mode_lines
 from .sampling.guidance import passes_for
 from .sampling.loop import ChunkLoop, Conditioning
@@ -76,52 +77,38 @@ class InfiniteTalkPipeline:
         self.files: ModelFiles | None = None
         self.geometry: Geometry | None = None
         self.device = torch.device("cpu")
+        self.peers = None  # parallel.peers.Leader when this is rank 0 of a multi-process (torchrun) job
 
     # ------------------------------------------------------------------------------------------------- loading
 
     def load_models(self, options: LoadOptions, progress: Callable[[str], None] | None = None) -> dict:
         """Resolve the plan (refusing what cannot run), find and validate every file, then load the models."""
+        from .parallel.launch import bind_device, world_from_env
         from .plan.planner import resolve
         from .plan.probe import probe
 
         options.validate()
         say = progress or (lambda msg: None)
-        plan = resolve(options, probe())
+        world = world_from_env()
+        bind_device(world)  # torchrun: this process's GPU before the probe touches CUDA
+        plan = resolve(options, probe(), world)
         device = torch.device(plan.device)
+        parallel = self._join_processes(world, plan) if plan.world_size > 1 else None
         files, geometry = resolve_model_files(options, say)
+        if self.peers is not None:
+            self.peers.files_ready()  # the other processes load their transformer now
         _refuse_double_quantization(plan, files)
 
         from .models.audio_encoder import load_audio_encoder
         from .models.image_encoder import load_image_encoder
-        from .models.offload import apply_offload, apply_sequential, offload_after_use
-        from .models.quantize import quantize_text_encoder, quantize_transformer
+        from .models.offload import apply_sequential, offload_after_use
+        from .models.quantize import quantize_text_encoder
         from .models.text_encoder import load_text_encoder
-        from .models.transformer_loading import load_transformer
         from .models.vae import load_vae
 
-        say("loading transformer")
-        # Quantized runs load on the CPU and quantize layer by layer on the way to the device: the device never holds
-        # the full-precision model.
-        # With offload the transformer stays in host memory until `apply_offload` places its parts.
         host = torch.device("cpu")
-        offloading = plan.offload != "none"
-        load_device = device if plan.quantization == "disabled" and not offloading else host
-        transformer = load_transformer(files.transformer, files.adapter, geometry, dtype=plan.torch_dtype,
-                                       device=load_device)
-        # LoRAs: merged into the full-precision weights, or hooked onto the layers (unmerged), before quantization.
-        loras = apply_loras(transformer, options.lora, options.lora_mode, device, say)
-        if plan.quantization != "disabled":
-            say(f"quantizing transformer ({plan.quantization})")
-        quantization = quantize_transformer(transformer, plan.quantization, host if offloading else device)
-        if loras.handle is not None:
-            loras.handle.verify(transformer)
-        transformer.set_attention_backend(plan.attention_backend)
-        if plan.compile:  # the 40 blocks share one code path: one compiled graph per input shape
-            for block in transformer.blocks:
-                block.compile()
-        if offloading:
-            say(f"placing transformer weights ({plan.offload})")
-        offload = apply_offload(transformer, plan.offload, device)
+        transformer, loras, quantization, offload = load_planned_transformer(plan, options, files, geometry, say,
+                                                                             parallel)
         say("loading VAE")
         vae = load_vae(files.vae, geometry, device=device, dtype=plan.vae_torch_dtype, tiling=plan.vae_tiling)
         say("loading text encoder")
@@ -154,6 +141,30 @@ class InfiniteTalkPipeline:
         self.load_plan["notes"] = [n for n in (getattr(audio_encoder, "warning", None),) if n]
         self.load_plan["notes"] += [*plan.memory.get("warnings", ()), *plan.memory.get("notes", ())]
         return self.load_plan
+
+    def _join_processes(self, world, plan):
+        """Rank 0 of a torchrun job: join the process group; the other processes follow (parallel/peers.py)."""
+        from .parallel.launch import raise_on_sigterm, start_group
+        from .parallel.peers import Leader
+
+        if self.peers is None:
+            parallel = start_group(world, plan)
+            self.peers = Leader(world, parallel)
+            raise_on_sigterm("stopped by SIGTERM: another process of the job failed (torchrun stops the job) or the "
+                             "job was terminated")
+        if (self.peers.parallel.ulysses, self.peers.parallel.ring) != (plan.ulysses, plan.ring):
+            raise PeerError("the processes of this job are already split as "
+                            f"{self.peers.parallel.describe()}; start a new job to change ulysses/ring")
+        return self.peers.parallel
+
+    def release_processes(self) -> None:
+        """Multi-process job: tell the other processes that the job is over (they exit), and leave the group."""
+        from .parallel.launch import stop_group
+
+        if self.peers is not None:
+            if self.peers.close():
+                stop_group()
+            self.peers = None
 
     def _require_models(self) -> None:
         for name, label in (("vae", "VAE"), ("transformer", "Transformer"), ("text_encoder", "Text encoder"),
@@ -231,6 +242,9 @@ class InfiniteTalkPipeline:
         `on_checkpoint` / `resume`: see `ChunkState` (a resumed run gives the frames of an unbroken one)."""
         request.validate()
         self._require_models()
+        if self.peers is not None:
+            self.peers.check_request(request)
+            self.peers.start_run()
         if bool(request.image) == bool(request.video):
             raise InputError("give exactly one reference: --image PATH (image-to-video) or --video PATH (dubbing)")
         if not request.out:
@@ -287,6 +301,7 @@ class InfiniteTalkPipeline:
             color_correct=(lambda video, _ref, s: color_correct(video, matcher, s)) if matcher else None,
             device=self.device,
             step_cache=make_step_cache(self.transformer, request.step_cache, request.cache_threshold, request.size),
+            peers=self.peers,
         )
         generator = torch.Generator().manual_seed(seed)
         written = {"frames": 0}
@@ -305,7 +320,7 @@ class InfiniteTalkPipeline:
                                          video[:, -request.motion_frames:][None].clone(), stats),
                               frames.numpy() if isinstance(frames, torch.Tensor) else frames)
 
-        status, error, out_of_memory = "completed", None, None
+        status, error, out_of_memory, peer_error = "completed", None, None, None
         t = time.monotonic()
         start_chunk, context = 0, None
         try:
@@ -316,6 +331,8 @@ class InfiniteTalkPipeline:
                          start_chunk=start_chunk, context_frames=context)
         except CancelledError as err:
             status, error = "cancelled", str(err)
+        except PeerError as err:  # another process of the torchrun job failed; raised below with the frames kept
+            status, error, peer_error = "failed", str(err), err
         except torch.OutOfMemoryError:  # = torch.cuda.OutOfMemoryError; raised below, after the sidecar is written
             out_of_memory = self._out_of_memory(request, target, persons, chunks, loop, written["frames"], out_path)
             status, error = "failed", str(out_of_memory)
@@ -339,6 +356,9 @@ class InfiniteTalkPipeline:
             raise CancelledError(f"{error}; the {written['frames']} finished frames are in {out_path}")
         if out_of_memory is not None:  # raised outside the except clause: the failed call's tensors are freed
             raise out_of_memory
+        if peer_error is not None:
+            kept = f"the {written['frames']} finished frames are in {out_path}" if written["frames"] else "no frame was finished"
+            raise PeerError(f"{peer_error}; {kept}")
         return GenerateResult(out_path, sidecar_path, written["frames"], written["frames"] / FPS, seed, sidecar)
 
     def _sidecar(self, request, seed, plan_info, chunks, loop, timings, status, error, frames, source, persons,
@@ -354,7 +374,7 @@ class InfiniteTalkPipeline:
             "resolution": list(target),
             **{name: (self.load_plan or {}).get("options", {}).get(name, {}).get("effective")
                for name in ("model_precision", "vae_precision", "quantization", "attention", "device", "offload",
-                            "vae_tiling")},
+                            "vae_tiling", "sequence_parallel")},
             "attention_backend": (self.load_plan or {}).get("attention_backend"),
             "model_calls": loop.stats.model_calls,
             "model_calls_per_chunk": loop.stats.calls_per_chunk,
@@ -388,6 +408,42 @@ class InfiniteTalkPipeline:
         release(self.transformer)
         return out_of_memory_error(self.load_plan, target, request.frame_num, persons, loop.stats.chunks_done + 1,
                                    chunks.num_chunks, frames_done, out_path)
+
+
+def load_planned_transformer(plan, options: LoadOptions, files: ModelFiles, geometry: Geometry, say, parallel=None):
+    """The transformer as `plan` says: loaded, LoRAs applied, quantized, attention set, sequence-parallel (when
+    `parallel` is given), compiled, placed. Returns (transformer, loras, quantization report, offload report)."""
+    from .models.offload import apply_offload
+    from .models.quantize import quantize_transformer
+    from .models.transformer_loading import load_transformer
+
+    say("loading transformer")
+    device = torch.device(plan.device)
+    # Quantized runs load on the CPU and quantize layer by layer on the way to the device: the device never holds
+    # the full-precision model.
+    # With offload the transformer stays in host memory until `apply_offload` places its parts.
+    host = torch.device("cpu")
+    offloading = plan.offload != "none"
+    load_device = device if plan.quantization == "disabled" and not offloading else host
+    transformer = load_transformer(files.transformer, files.adapter, geometry, dtype=plan.torch_dtype,
+                                   device=load_device)
+    # LoRAs: merged into the full-precision weights, or hooked onto the layers (unmerged), before quantization.
+    loras = apply_loras(transformer, options.lora, options.lora_mode, device, say)
+    if plan.quantization != "disabled":
+        say(f"quantizing transformer ({plan.quantization})")
+    quantization = quantize_transformer(transformer, plan.quantization, host if offloading else device)
+    if loras.handle is not None:
+        loras.handle.verify(transformer)
+    transformer.set_attention_backend(plan.attention_backend)
+    if parallel is not None:
+        parallel.attach(transformer)
+    if plan.compile:  # the 40 blocks share one code path: one compiled graph per input shape
+        for block in transformer.blocks:
+            block.compile()
+    if offloading:
+        say(f"placing transformer weights ({plan.offload})")
+    offload = apply_offload(transformer, plan.offload, device)
+    return transformer, loras, quantization, offload
 
 
 def _memory_record(load_plan: dict | None, device: torch.device) -> dict:

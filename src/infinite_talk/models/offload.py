@@ -151,18 +151,42 @@ def pin_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return _map_inner(tensor, lambda t: t.pin_memory(), torch.device("cpu"))
 
 
-def _record_stream(tensor: torch.Tensor, stream) -> None:
-    """Tell the caching allocator `tensor` (copied on a side stream) is used on `stream`, so its memory is not
-    handed to the next copy before the compute that reads it has finished."""
-    _map_inner(tensor, lambda t: (t.record_stream(stream), t)[1])
+def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors inside `tensor`, in `_map_inner`'s order."""
+    out = []
+    _map_inner(tensor, lambda t: (out.append(t), t)[1])
+    return out
+
+
+class SwapSlots:
+    """GPU buffers that quantized swapped blocks are copied into, allocated once and reused in turn.
+
+    Copies into fresh allocations made on the side stream fragment memory: the caching allocator keeps a pool per
+    stream, so freed block copies could not serve the compute stream (an H200 run of int8 blocks:34 under a 12 GB
+    budget ran out with 4.4 GiB reserved but unused). Fixed buffers make the swap's GPU memory exactly
+    `count` blocks. A slot is refilled only after the compute stream finished the block that used it (an event)."""
+
+    def __init__(self, leaves: list[torch.Tensor], count: int, device: torch.device):
+        self.buffers = [[torch.empty(t.shape, dtype=t.dtype, device=device) for t in leaves] for _ in range(count)]
+        self.released = [None] * count  # compute-stream event after the last block that read the slot
+        self.turn = 0
+
+    @staticmethod
+    def signature(leaves: list[torch.Tensor]) -> tuple:
+        return tuple((tuple(t.shape), t.dtype) for t in leaves)
+
+    def take(self) -> int:
+        slot, self.turn = self.turn, (self.turn + 1) % len(self.buffers)
+        return slot
 
 
 class CompactBlockGroup:
-    """The weights of one quantized block: pinned host copies, and GPU copies while the block runs.
+    """The weights of one quantized block: pinned host copies, and views of a GPU slot while the block runs.
 
-    `onload_()` starts copying every parameter and buffer of the block to the GPU (on the side stream when there is
-    one); `offload_()` points the block back at its host copies, which frees the GPU copies. Same interface as
-    diffusers' `ModuleGroup` where the rest of this module uses it (`modules`, `onload_`, `offload_`)."""
+    `onload_()` copies every parameter and buffer of the block into the next free slot (on the side stream when there
+    is one) and points the block at it; `offload_()` points the block back at its host copies and marks the slot
+    free once the compute stream is done with it. Same interface as diffusers' `ModuleGroup` where the rest of this
+    module uses it (`modules`, `onload_`, `offload_`)."""
 
     def __init__(self, block: torch.nn.Module, onload: torch.device, stream, pin: bool):
         self.modules = [block]
@@ -170,7 +194,7 @@ class CompactBlockGroup:
         self.onload_leader = self.offload_leader = block
         self.onload_self = False
         self.onload_device, self.stream = onload, stream
-        self.slots = []  # (module, "_parameters" | "_buffers", name, host tensor)
+        self.entries = []  # (module, "_parameters" | "_buffers", name, host tensor)
         for module in block.modules():
             for kind in ("_parameters", "_buffers"):
                 for name, tensor in getattr(module, kind).items():
@@ -180,37 +204,43 @@ class CompactBlockGroup:
                     host = pin_tensor(host) if pin else host
                     if kind == "_parameters":  # made once here: a Parameter cannot be made in inference mode
                         host = torch.nn.Parameter(host, requires_grad=False)
-                    self.slots.append((module, kind, name, host))
+                    self.entries.append((module, kind, name, host))
+        self.leaves = [leaf for *_, host in self.entries for leaf in _leaves(host)]
+        self.slots: SwapSlots | None = None  # shared with the other groups of the same layout (`apply_block_swap`)
+        self.slot = None
         self.event = None
-        self.onloaded = False
         self.offload_()
 
     def onload_(self) -> None:
-        if self.onloaded:
+        if self.slot is not None:
             return
+        self.slot = self.slots.take()
+        buffers = self.slots.buffers[self.slot]
         context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         with context:
-            for module, kind, name, host in self.slots:
-                # the GPU copy goes in as a plain tensor (the layers only read it), the host Parameter comes back after
-                getattr(module, kind)[name] = copy_tensor(host, self.onload_device, self.stream is not None)
+            if self.stream is not None and self.slots.released[self.slot] is not None:
+                self.stream.wait_event(self.slots.released[self.slot])
+            for dst, src in zip(buffers, self.leaves, strict=True):
+                dst.copy_(src, non_blocking=self.stream is not None)
             if self.stream is not None:
                 self.event = self.stream.record_event()
-        self.onloaded = True
+        views = iter(buffers)
+        for module, kind, name, host in self.entries:
+            # the layers only read these: plain tensors (or quantized wrappers) around the slot's buffers
+            getattr(module, kind)[name] = _map_inner(host, lambda _: next(views), self.onload_device)
 
     def wait(self) -> None:
-        """Make the compute stream wait for the copy, and keep the copies alive until that compute is done."""
-        if self.event is None:
-            return
-        current = torch.cuda.current_stream(self.onload_device)
-        current.wait_event(self.event)
-        for module, kind, name, _ in self.slots:
-            _record_stream(getattr(module, kind)[name], current)
-        self.event = None
+        """Make the compute stream wait for this block's copy."""
+        if self.event is not None:
+            torch.cuda.current_stream(self.onload_device).wait_event(self.event)
+            self.event = None
 
     def offload_(self) -> None:
-        for module, kind, name, host in self.slots:
+        for module, kind, name, host in self.entries:
             getattr(module, kind)[name] = host
-        self.onloaded = False
+        if self.slot is not None and self.stream is not None:
+            self.slots.released[self.slot] = torch.cuda.current_stream(self.onload_device).record_event()
+        self.slot = None
 
 
 @functools.cache
@@ -277,6 +307,7 @@ def apply_block_swap(model: torch.nn.Module, n: int, onload_device, offload_devi
                                 onload_leader=block, non_blocking=use_stream, stream=stream, record_stream=False,
                                 low_cpu_mem_usage=False, onload_self=not prefetch, group_id=f"blocks.{i}")
         _registry(block).register_hook(GroupOffloadingHook(groups[i], config=config), _GROUP_OFFLOADING)
+    _share_slots([g for g in groups.values() if isinstance(g, CompactBlockGroup)], onload, len(blocks), swapped)
     if prefetch:
         for i, group in groups.items():
             if i - 1 in groups and isinstance(groups[i - 1], ModuleGroup) and isinstance(group, ModuleGroup):
@@ -292,6 +323,17 @@ def apply_block_swap(model: torch.nn.Module, n: int, onload_device, offload_devi
             compact == len(groups) else f"compact for {compact} quantized blocks, diffusers for the rest",
             "stream": use_stream, "prefetch": prefetch, "pinned": use_stream,
             "blocks_in_flight": blocks_in_flight(len(blocks), n)}
+
+
+def _share_slots(groups: list[CompactBlockGroup], device: torch.device, num_blocks: int, swapped: list[int]) -> None:
+    """One set of GPU slots per block layout, as many as blocks can be in flight at once."""
+    count = blocks_in_flight(num_blocks, len(swapped))
+    pools: dict[tuple, SwapSlots] = {}
+    for group in groups:
+        key = SwapSlots.signature(group.leaves)
+        if key not in pools:
+            pools[key] = SwapSlots(group.leaves, count, device)
+        group.slots = pools[key]
 
 
 def apply_sequential(model: torch.nn.Module, onload_device, offload_device="cpu", use_stream: bool | None = None,

@@ -22,7 +22,7 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import _templated_context_parallel_attention, dispatch_attention_fn
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
 
@@ -70,7 +70,8 @@ class InfiniteTalkAttnProcessor:
     """
 
     _attention_backend = None
-    _parallel_config = None
+    _parallel_config = None  # diffusers ParallelConfig under sequence parallelism (self-attention only)
+    _cp_forward_op = None  # the local attention op inside diffusers' context-parallel attention, when not its own
     _kernel = None  # one of attention_kernels.KERNELS, used instead of the dispatcher when set
 
     def __call__(
@@ -83,6 +84,7 @@ class InfiniteTalkAttnProcessor:
         image_tokens: int = 0,
         ref_masks: torch.Tensor | None = None,
         frame_tokens: int = 0,
+        shard=None,
     ):
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         image_context = None
@@ -106,17 +108,23 @@ class InfiniteTalkAttnProcessor:
         if ref_masks is None:
             return out
         with torch.no_grad():
-            ref_map = first_frame_attention_map(query, key[:, :frame_tokens], ref_masks)
+            ref_key = key[:, :frame_tokens] if shard is None else shard.first_frame_keys(key)
+            ref_map = first_frame_attention_map(query, ref_key, ref_masks)
         return out, ref_map
 
     def _attend(self, q, k, v, mask, self_attention: bool) -> torch.Tensor:
+        parallel = self._parallel_config if self_attention else None
+        if parallel is not None and self._cp_forward_op is not None:  # diffusers' Ulysses/ring around our op
+            out = _templated_context_parallel_attention(q, k, v, attn_mask=mask, forward_op=self._cp_forward_op,
+                                                        backward_op=None, _parallel_config=parallel)
+            return out.flatten(2, 3).type_as(q)
         if self._kernel is not None:
             if mask is not None:
                 raise RuntimeError("the selected attention kernel takes no attention mask")
             return self._kernel(q, k, v).flatten(2, 3).type_as(q)
         out = dispatch_attention_fn(
             q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=self._attention_backend,
-            parallel_config=self._parallel_config if self_attention else None,
+            parallel_config=parallel,
         )
         return out.flatten(2, 3).type_as(q)
 
@@ -140,16 +148,20 @@ def first_frame_attention_map(query: torch.Tensor, ref_key: torch.Tensor, masks:
     return (total / query.shape[2]).T.contiguous()
 
 
-def route_positions(ref_map: torch.Tensor) -> torch.Tensor:
-    """L-RoPE position per visual token from a [3, L] first-frame map (speaker 1, speaker 2, background)."""
+def route_positions(ref_map: torch.Tensor, extrema=None) -> torch.Tensor:
+    """L-RoPE position per visual token from a [3, L] first-frame map (speaker 1, speaker 2, background).
 
-    def scaled(row: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-        return (row - row.min()) / (row.max() - row.min() + 1e-8) * (hi - lo) + lo
+    Each row is rescaled by its min/max over all tokens: `extrema(ref_map) -> (mins, maxs)` gives them when this
+    process holds only a slice of the tokens (sequence parallel)."""
+    mins, maxs = (ref_map.amin(-1), ref_map.amax(-1)) if extrema is None else extrema(ref_map)
+
+    def scaled(i: int, lo: float, hi: float) -> torch.Tensor:
+        return (ref_map[i] - mins[i]) / (maxs[i] - mins[i] + 1e-8) * (hi - lo) + lo
 
     candidates = torch.stack(
         [
-            scaled(ref_map[0], *SPEAKER1_RANGE),
-            scaled(ref_map[1], *SPEAKER2_RANGE),
+            scaled(0, *SPEAKER1_RANGE),
+            scaled(1, *SPEAKER2_RANGE),
             torch.full_like(ref_map[0], BACKGROUND_POS),
         ]
     )
@@ -205,24 +217,37 @@ class AudioCrossAttention(nn.Module):
         self._kernel = None
 
     def forward(
-        self, x: torch.Tensor, audio_tokens: torch.Tensor, num_frames: int, route_pos: torch.Tensor | None = None
+        self, x: torch.Tensor, audio_tokens: torch.Tensor, num_frames: int, route_pos: torch.Tensor | None = None,
+        token_offset: int = 0, frame_tokens: int | None = None,
     ) -> torch.Tensor:
-        """`x` [B, T*S, dim], `audio_tokens` [B, T, M, audio_dim]; `route_pos` [T*S] enables two-speaker L-RoPE."""
+        """`x` [B, T*S, dim], `audio_tokens` [B, T, M, audio_dim]; `route_pos` [T*S] enables two-speaker L-RoPE.
+
+        Under sequence parallelism `x` is the slice of tokens from global index `token_offset` on (S =
+        `frame_tokens` per frame); it may cut through frames: the slice is padded to whole frames for the attention
+        and the padding dropped after."""
         batch, length, dim = x.shape
-        q = self.q_linear(x).unflatten(2, (self.num_heads, -1))  # [B, T*S, H, D]
+        per_frame_tokens = frame_tokens or length // num_frames
+        lead, first = token_offset % per_frame_tokens, token_offset // per_frame_tokens
+        frames = -(-(lead + length) // per_frame_tokens)  # frames this slice touches
+        tail = frames * per_frame_tokens - lead - length
+        audio_tokens = audio_tokens[:, first:first + frames]
+        q = self.q_linear(x).unflatten(2, (self.num_heads, -1))  # [B, L, H, D]
         k, v = self.kv_linear(audio_tokens).unflatten(-1, (2, self.num_heads, -1)).unbind(-3)  # [B, T, M, H, D]
         if route_pos is not None:
             q = rope_1d(q, route_pos)
             per_frame = audio_tokens.shape[2]
             key_pos = torch.full((per_frame,), sum(SPEAKER2_RANGE) / 2, device=x.device)
             key_pos[: per_frame // 2] = sum(SPEAKER1_RANGE) / 2
-            k = rope_1d(k.flatten(1, 2), key_pos.repeat(num_frames)).unflatten(1, (num_frames, per_frame))
-        q = q.unflatten(1, (num_frames, -1)).flatten(0, 1)  # [B*T, S, H, D]
+            k = rope_1d(k.flatten(1, 2), key_pos.repeat(frames)).unflatten(1, (frames, per_frame))
+        if lead or tail:
+            q = F.pad(q, (0, 0, 0, 0, lead, tail))
+        q = q.unflatten(1, (frames, -1)).flatten(0, 1)  # [B*T, S, H, D]
         if self._kernel is not None:
             out = self._kernel(q, k.flatten(0, 1), v.flatten(0, 1))
         else:
             out = dispatch_attention_fn(q, k.flatten(0, 1), v.flatten(0, 1), backend=self._attention_backend)
-        return self.proj(out.flatten(2).reshape(batch, length, dim))
+        out = out.flatten(2).reshape(batch, frames * per_frame_tokens, dim)
+        return self.proj(out[:, lead:lead + length] if lead or tail else out)
 
 
 class InfiniteTalkBlock(WanTransformerBlock):
@@ -247,16 +272,19 @@ class InfiniteTalkBlock(WanTransformerBlock):
         image_tokens: int = 0,
         frame_shape: tuple[int, int, int] = (1, 1, 1),
         ref_masks: torch.Tensor | None = None,
+        shard=None,
     ) -> torch.Tensor:
+        """`shard` (parallel/sequence.py `TokenShard`): this process holds only a slice of the tokens."""
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (self.scale_shift_table + temb.float()).chunk(6, 1)
         num_frames, rows, cols = frame_shape
 
         norm_x = (self.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
-        attn_out = self.attn1(norm_x, None, None, rotary_emb, ref_masks=ref_masks, frame_tokens=rows * cols)
+        attn_out = self.attn1(norm_x, None, None, rotary_emb, ref_masks=ref_masks, frame_tokens=rows * cols,
+                              shard=shard)
         route_pos = None
         if ref_masks is not None:
             attn_out, ref_map = attn_out
-            route_pos = route_positions(ref_map)
+            route_pos = route_positions(ref_map, None if shard is None else shard.row_extrema)
             self.last_ref_map = ref_map  # kept for inspection (tests, debugging); tiny [3, L]
         hidden_states = (hidden_states.float() + attn_out * gate_msa).type_as(hidden_states)
 
@@ -265,7 +293,9 @@ class InfiniteTalkBlock(WanTransformerBlock):
 
         if audio_tokens is not None:
             norm_x = self.norm_x(hidden_states)
-            hidden_states = hidden_states + self.audio_cross_attn(norm_x, audio_tokens, num_frames, route_pos)
+            offset = 0 if shard is None else shard.start
+            hidden_states = hidden_states + self.audio_cross_attn(norm_x, audio_tokens, num_frames, route_pos,
+                                                                  offset, rows * cols)
 
         norm_x = (self.norm3(hidden_states.float()) * (1 + c_scale) + c_shift).type_as(hidden_states)
         ff_out = self.ffn(norm_x)
@@ -276,6 +306,7 @@ class InfiniteTalkTransformer(WanTransformer3DModel):
     """Wan2.1-I2V DiT + InfiniteTalk adapter. Build with `InfiniteTalkTransformer.from_dit_config(cfg)`."""
 
     _no_split_modules = ["InfiniteTalkBlock"]
+    sequence_parallel = None  # parallel/sequence.py SequenceParallel: each process runs a slice of the tokens
     _repeated_blocks = ["InfiniteTalkBlock"]
     # The reference keeps the time MLPs, modulation, norms and the head in float32 (REFERENCE §1.2).
     _keep_in_fp32_modules = [
@@ -341,6 +372,11 @@ class InfiniteTalkTransformer(WanTransformer3DModel):
         x = torch.cat([hidden_states, condition], dim=1).to(dtype)
         rotary_emb = self.rope(x)
         x = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+        shard = None
+        if self.sequence_parallel is not None:  # this process runs its slice of the tokens through the blocks
+            shard = self.sequence_parallel.shard(x.shape[1], rows * cols)
+            x = shard.split(x)
+            rotary_emb = tuple(shard.split(r) for r in rotary_emb)
 
         emb = self.condition_embedder
         t_freq = sinusoidal_embedding(timestep, cfg.freq_dim)
@@ -366,10 +402,13 @@ class InfiniteTalkTransformer(WanTransformer3DModel):
             raise ValueError(f"1 or 2 speakers are supported, got {persons}")
 
         for block in self.blocks:
-            x = block(x, context, temb_6, rotary_emb, audio_tokens, image_tokens, (frames, rows, cols), token_masks)
+            x = block(x, context, temb_6, rotary_emb, audio_tokens, image_tokens, (frames, rows, cols), token_masks,
+                      shard)
 
         shift, scale = (self.scale_shift_table.float() + temb.unsqueeze(1)).chunk(2, dim=1)
         x = self.norm_out(x.float()) * (1 + scale) + shift
         x = self.proj_out(x.to(self.proj_out.weight.dtype)).float()
+        if shard is not None:
+            x = shard.gather(x)
         x = x.reshape(batch, frames, rows, cols, 1, 2, 2, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)

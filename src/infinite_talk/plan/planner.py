@@ -22,6 +22,11 @@ Decisions (documented here because they are product behaviour):
   Ampere/Ada: sdpa-flash > flash_attn_2 > sdpa-cudnn > ... (inferred: cuDNN attention is only measured on Hopper).
 - fp32 compute on CUDA uses SDPA's efficient kernel (cuDNN/flash/FA/Sage have no fp32 path), else math.
 - On CPU, attention is SDPA backend "native": torch picks its CPU kernel (flash-CPU, else math).
+- Sequence parallel (a torchrun job of N processes, parallel/): ulysses × ring must equal N, the heads must divide by
+  ulysses; each process uses cuda:LOCAL_RANK (NCCL) or the CPU (gloo). Ulysses runs around every attention kernel;
+  ring attention merges partial results by their log-sum-exp, which only some kernels return: `auto` then picks
+  the fastest that does (the reason says what it skipped), an explicit kernel without it is refused. Outside a
+  launcher ulysses/ring > 1 is refused (nothing would split).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any
 
 from ..errors import OptionError
 from ..options import LoadOptions
+from ..parallel.launch import World, world_from_env
 from .memory import plan_memory
 from .probe import BLACKWELL_SMS, Capabilities
 
@@ -100,6 +106,11 @@ class Plan:
     vae_tiling: bool = False
     encoders_offloaded: bool = False
     memory: dict[str, Any] = field(default_factory=dict)
+    # sequence parallel (parallel/): processes of the torchrun job, their split, the torch.distributed backend
+    world_size: int = 1
+    ulysses: int = 1
+    ring: int = 1
+    dist_backend: str = ""  # "nccl" | "gloo" | "" (one process)
 
     @property
     def torch_dtype(self):
@@ -149,7 +160,16 @@ def _ok(caps: Capabilities, key: str) -> bool:
 
 
 # ---- per option ------------------------------------------------------------------------------------------------
-def _resolve_device(requested: str, caps: Capabilities) -> Resolved:
+def _resolve_device(requested: str, caps: Capabilities, world: World | None = None) -> Resolved:
+    if world is not None and world.size > 1 and requested != "cpu" and (requested != "auto" or caps.gpu):
+        if requested not in ("auto", "cuda"):
+            raise OptionError(f"device={requested}: in a torchrun job each process uses the GPU of its LOCAL_RANK; "
+                              "use --device auto or cuda (or cpu)")
+        if world.local_rank >= caps.gpu_count:
+            raise _refuse("device", requested, f"a GPU per process on this node (LOCAL_RANK {world.local_rank})",
+                          f"{caps.gpu_count} CUDA GPU(s)")
+        resolved = _resolve_device(f"cuda:{world.local_rank}", caps)
+        return Resolved(requested, resolved.effective, f"{resolved.reason}; the GPU of LOCAL_RANK {world.local_rank}")
     if requested == "auto":
         if caps.gpu:
             return Resolved("auto", "cuda:0", f"CUDA GPU present: {caps.summary()}")
@@ -360,12 +380,78 @@ def _describe(kernel: str) -> str:
     return f"{text}, {where}"
 
 
+def _split(load_options: LoadOptions, world: World, heads: int) -> tuple[int, int]:
+    """(ulysses, ring) for the launcher's world, or OptionError."""
+    ulysses, ring, size = load_options.ulysses, load_options.ring, world.size
+    asked = " ".join(f"{n}={v}" for n, v in (("ulysses", ulysses), ("ring", ring)) if v is not None)
+    if size == 1:
+        if (ulysses or 1) > 1 or (ring or 1) > 1:
+            raise OptionError(f"{asked}: sequence parallel needs several processes started by a launcher, e.g. "
+                              f"torchrun --nproc-per-node {(ulysses or 1) * (ring or 1)} -m infinite_talk.cli "
+                              "generate ...; this is a single process")
+        return 1, 1
+    if ulysses is None:
+        ulysses = size // (ring or 1)
+    if ring is None:
+        ring = size // ulysses
+    if ulysses * ring != size:
+        raise OptionError(f"{asked}: ulysses × ring must equal the number of processes ({size}, from the launcher); "
+                          f"{ulysses} × {ring} = {ulysses * ring}")
+    if heads % ulysses:
+        raise OptionError(f"{asked or f'ulysses={ulysses}'}: the model's {heads} attention heads must divide by ulysses "
+                          f"(Ulysses gives each process whole heads); use a divisor of {heads} and put the remaining "
+                          "factor in --ring")
+    return ulysses, ring
+
+
+def _resolve_sequence_parallel(load_options: LoadOptions, world: World, caps: Capabilities, device: str,
+                               precision: str, attn: Resolved, kernel: str) -> tuple[Resolved, Resolved, str, int, int]:
+    """Returns (sequence_parallel, attention, kernel, ulysses, ring): ring attention needs a kernel that returns its
+    log-sum-exp, so `auto`/`sdpa` may move to the fastest verified one that does."""
+    from ..models.configs import GEOMETRIES
+    from ..parallel.sequence import ring_capable
+
+    requested = " ".join(f"{n}={v}" for n, v in (("ulysses", load_options.ulysses), ("ring", load_options.ring))
+                         if v is not None) or "auto"
+    heads = GEOMETRIES["tiny" if load_options.preset == "tiny" else "14b"].dit.num_heads
+    ulysses, ring = _split(load_options, world, heads)
+    if world.size == 1:
+        return Resolved(requested, "off", "one process (start several with torchrun to split the work)"), attn, \
+            kernel, 1, 1
+    device_type = "cpu" if device == "cpu" else "cuda"
+    if ring > 1 and not ring_capable(ATTENTION_BACKENDS[kernel][0], device_type):
+        if load_options.attention not in ("auto", "sdpa"):
+            raise OptionError(f"attention={load_options.attention}: ring attention (ring={ring}) merges partial "
+                              "results by their log-sum-exp, which this kernel does not return; use attention auto or "
+                              "sdpa, or ring 1 (Ulysses runs around every kernel)")
+        order = ["sdpa-efficient", "sdpa-math"] if precision == "fp32" else _attention_order(caps.gpu.capability)
+        order = [k for k in order if ring_capable(ATTENTION_BACKENDS[k][0], device_type)]
+        if load_options.attention == "sdpa":
+            order = [k for k in order if k.startswith("sdpa-")]
+        picked, skipped = _first_verified(order, caps, DTYPES[precision])
+        if picked is None:
+            raise _refuse("ring", str(ring), f"an attention kernel returning its log-sum-exp for {precision} "
+                          "(cuDNN / flash SDPA, flash-attn, SageAttention2); use ulysses only (ring 1)",
+                          f"{_have(caps, device)}" + "".join(f"; {s}" for s in skipped))
+        attn = Resolved(attn.requested, "flash_attn_3" if picked == "fa3_fwd" else picked,
+                        f"{_describe(picked)}; ring attention needs the log-sum-exp, which {kernel} does not return")
+        kernel = picked
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    where = "ring attention (diffusers) with" if ulysses == 1 else "diffusers Ulysses all-to-all" + (
+        " and ring attention" if ring > 1 else "") + " around"
+    effective = f"ulysses {ulysses} × ring {ring} over {world.size} processes ({backend})"
+    reason = (f"{world.size} processes from the launcher (this is {world.label()}); {where} {kernel}; weights "
+              "replicated on every process, encoders and VAE on rank 0")
+    return Resolved(requested, effective, reason), attn, kernel, ulysses, ring
+
+
 # ---- entry point -------------------------------------------------------------------------------------------------
-def resolve(load_options: LoadOptions, caps: Capabilities) -> Plan:
+def resolve(load_options: LoadOptions, caps: Capabilities, world: World | None = None) -> Plan:
     """Map every LoadOptions choice to what will run here, or raise `OptionError` naming the option and the reason.
-    Call before loading any weights."""
+    Call before loading any weights. `world`: the launcher's processes (default: from the environment)."""
     load_options.validate()
-    dev = _resolve_device(load_options.device, caps)
+    world = world if world is not None else world_from_env()
+    dev = _resolve_device(load_options.device, caps, world)
     device = dev.effective
     model = _resolve_precision("model_precision", load_options.model_precision, caps, device)
     vae = _resolve_precision("vae_precision", load_options.vae_precision, caps, device)
@@ -373,6 +459,8 @@ def resolve(load_options: LoadOptions, caps: Capabilities) -> Plan:
     t5_quant = _resolve_t5_quantization(load_options.t5_quantization, caps, device)
     compiled = _resolve_compile(load_options.compile, caps, device)
     attn, kernel = _resolve_attention(load_options.attention, caps, device, model.effective)
+    sequence, attn, kernel, ulysses, ring = _resolve_sequence_parallel(load_options, world, caps, device,
+                                                                       model.effective, attn, kernel)
     backend, provider = ATTENTION_BACKENDS[kernel]
     memory = plan_memory(load_options, caps, device=device, model_dtype=DTYPES[model.effective],
                          vae_dtype=DTYPES[vae.effective], quantization=quant.effective,
@@ -389,10 +477,14 @@ def resolve(load_options: LoadOptions, caps: Capabilities) -> Plan:
         attention_provider=provider,
         options={"device": dev, "model_precision": model, "vae_precision": vae, "quantization": quant,
                  "t5_quantization": t5_quant, "attention": attn, "compile": compiled, "offload": memory.offload,
-                 "vae_tiling": memory.vae_tiling},
+                 "vae_tiling": memory.vae_tiling, "sequence_parallel": sequence},
         machine=caps.summary(),
         offload=memory.offload.effective,
         vae_tiling=memory.vae_tiling.effective == "on",
         encoders_offloaded=memory.encoders_offloaded,
         memory=memory.to_dict(),
+        world_size=world.size,
+        ulysses=ulysses,
+        ring=ring,
+        dist_backend=("nccl" if device.startswith("cuda") else "gloo") if world.size > 1 else "",
     )

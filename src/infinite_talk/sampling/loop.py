@@ -49,7 +49,7 @@ class ChunkLoop:
 
     def __init__(self, transformer, vae, image_encoder, sampler_factory: Callable[[], Sampler], *,
                  text_scale: float, audio_scale: float, use_apg: bool = False, color_correct=None,
-                 device: torch.device | str = "cpu", step_cache=None):
+                 device: torch.device | str = "cpu", step_cache=None, peers=None):
         self.transformer = transformer
         self.vae = vae
         self.image_encoder = image_encoder
@@ -61,15 +61,19 @@ class ChunkLoop:
         self.device = torch.device(device)
         self.passes = passes_for(text_scale, audio_scale)
         self.step_cache = step_cache  # sampling.step_cache.StepCache or None
+        self.peers = peers  # parallel.peers.Leader: the other processes of a sequence-parallel job run each call too
         self.stats = LoopStats()
 
     def _model_call(self, latent, t, context, clip_tokens, y, audio, masks, pass_name="cond", step=0,
-                    steps=1) -> torch.Tensor:
+                    steps=1, chunk=0) -> torch.Tensor:
         self.stats.model_calls += 1
+        args = (latent[None], t.reshape(1).to(self.device), context[None], clip_tokens, y[None], audio, masks)
 
         def call():
-            return self.transformer(latent[None], t.reshape(1).to(self.device), context[None], clip_tokens, y[None],
-                                    audio, masks)[0]
+            if self.peers is not None:  # inside the step cache's context, as the other processes run it
+                return self.peers.forward(lambda: self.transformer(*args), args, step_cache=self.step_cache,
+                                          chunk=chunk, pass_name=pass_name, step=step, steps=steps)[0]
+            return self.transformer(*args)[0]
 
         return call() if self.step_cache is None else self.step_cache.call(pass_name, step, steps, call)
 
@@ -149,7 +153,7 @@ class ChunkLoop:
                     context, pass_audio = inputs[name]
                     pass_masks = masks if pass_audio.shape[0] == 2 else None
                     preds[name] = self._model_call(latent, t, context, clip_tokens, y, pass_audio, pass_masks,
-                                                   name, i, steps)
+                                                   name, i, steps, k)
                 latent = sampler.step(combine(preds, self.text_scale, self.audio_scale, apg), i, latent)
                 latent[:, :n_motion] = motion
                 if progress is not None:

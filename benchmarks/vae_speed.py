@@ -1,0 +1,70 @@
+"""Wan VAE decode/encode of one 81-frame 480p chunk (random weights) under layout/compile variants, in one process.
+
+    python benchmarks/vae_speed.py --out vae.json                       # GPU
+    python benchmarks/vae_speed.py --config tiny --device cpu --variants eager,channels_last   # smoke test
+
+Variants: `eager` (as loaded), `cudnn_benchmark` (cuDNN autotuning of the 3-D convolutions), `channels_last`
+(Conv3d weights in channels_last_3d, so convolutions run NDHWC), `compile` (torch.compile of each decoder residual
+block). Each reports the median decode and encode seconds and the decode's max difference from `eager`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from chunk import random_vae
+
+import torch
+
+from dit_forward import device_name, grid, report, timed
+from infinite_talk.models.configs import GEOMETRIES
+
+
+def compile_decoder(vae) -> None:
+    for module in vae.model.decoder.modules():
+        if type(module).__name__ in ("WanResidualBlock", "WanAttentionBlock"):
+            module.compile()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=sorted(GEOMETRIES), default="14b")
+    parser.add_argument("--size", type=int, default=480)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", default="eager,cudnn_benchmark,channels_last,channels_last+cudnn_benchmark,"
+                                              "compile")
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    geometry = GEOMETRIES[args.config]
+    frames, lat_h, lat_w = grid(args.config, args.size)
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 16, frames, lat_h, lat_w, generator=g).to(device)
+    video = (torch.rand(1, 3, 4 * (frames - 1) + 1, lat_h * 8, lat_w * 8, generator=g) * 2 - 1).to(device)
+    rows, reference = [], None
+    for variant in args.variants.split(","):
+        parts = set(variant.split("+"))
+        torch.backends.cudnn.benchmark = "cudnn_benchmark" in parts
+        torch.manual_seed(0)  # the same random weights for every variant
+        vae = random_vae(geometry, device, torch.bfloat16)
+        if "channels_last" in parts:
+            vae.use_channels_last()
+        if "compile" in parts:
+            compile_decoder(vae)
+        with torch.inference_mode():
+            first = timed(lambda vae=vae: vae.decode(latent), device, 1)[0]
+            out = vae.decode(latent).float()
+            decode = statistics.median(timed(lambda vae=vae: vae.decode(latent), device, args.iters))
+            encode = statistics.median(timed(lambda vae=vae: vae.encode(video), device, args.iters))
+        reference = out if reference is None else reference
+        rows.append({"variant": variant, "first_decode_s": round(first, 3), "decode_s": round(decode, 4),
+                     "encode_s": round(encode, 4), "max_abs_diff_vs_first": float((out - reference).abs().max())})
+        print(rows[-1], flush=True)
+        del vae
+    report({"device": device_name(device), "config": args.config, "latent": list(latent.shape),
+            "torch": torch.__version__, "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
