@@ -35,7 +35,13 @@ from pathlib import Path
 import torch
 
 from infinite_talk.models.configs import GEOMETRIES
-from infinite_talk.models.offload import apply_block_swap, apply_offload, apply_sequential, remove_offload
+from infinite_talk.models.offload import (
+    apply_block_swap,
+    apply_offload,
+    apply_sequential,
+    move_module,
+    remove_offload,
+)
 from infinite_talk.plan.memory import GIB, MemoryModel, Setting, Shape, copy_notes, parse_offload
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -102,8 +108,13 @@ def place(model, setting: Setting, device, cpu_smoke: bool) -> dict:
         if kind == "sequential":
             return apply_sequential(model, "cpu", use_stream=False)
         return {"offload": "none"}
+    # as the pipeline loads an offloaded model: from host memory, so the resident blocks are allocated afresh (placing
+    # it from the previous setting's GPU layout leaves block-sized holes that 640 MB activations cannot use)
+    move_module(model, "cpu")
+    gc.collect()
+    torch.cuda.empty_cache()
     if setting.offload == "none":
-        model.to(device)
+        move_module(model, device)
         return {"offload": "none"}
     return apply_offload(model, setting.offload, device)
 
@@ -174,7 +185,8 @@ def run_mode(name: str, args, device, geometry, shape, inputs, vae) -> dict:
     sm = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     if cpu_smoke:  # nothing to cap: run each kind of setting once
         layers = len(model.blocks)
-        plans = [(None, Setting(s, True, True)) for s in ("blocks:1", f"blocks:{layers}", "sequential")]
+        kinds = ("blocks:1", f"blocks:{layers}") + (("sequential",) if mode == "disabled" else ())  # QUANTIZED_OFFLOAD
+        plans = [(None, Setting(s, True, True)) for s in kinds]
     else:
         plans = []
         for budget in args.budgets:

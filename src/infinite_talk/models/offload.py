@@ -105,6 +105,16 @@ def _registry(module: torch.nn.Module):
     return HookRegistry.check_if_exists_or_initialize(module)
 
 
+def move_module(module: torch.nn.Module, device) -> None:
+    """`module.to(device)`, with quantized parameters copied in their compact form (`copy_tensor`)."""
+    device = torch.device(device)
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and is_quantized_tensor(p) and p.device != device:
+                sub._parameters[name] = torch.nn.Parameter(copy_tensor(p.detach(), device), requires_grad=False)
+    module.to(device)
+
+
 def _move_resident(model: torch.nn.Module, device: torch.device, skip: set[int]) -> None:
     """Everything of the transformer except the blocks in `skip` to `device`."""
     for name, child in model.named_children():
@@ -112,7 +122,7 @@ def _move_resident(model: torch.nn.Module, device: torch.device, skip: set[int])
             child.to(device)
     for i, block in enumerate(model.blocks):
         if i not in skip:
-            block.to(device)
+            move_module(block, device)
     for tensor in [*model._parameters.values(), *model._buffers.values()]:
         if tensor is not None:
             tensor.data = tensor.data.to(device)
@@ -357,7 +367,7 @@ def apply_offload(model: torch.nn.Module, setting: str, device) -> dict:
     kind, n = parse_offload(setting, len(model.blocks))
     device = torch.device(device)
     if kind == "none":
-        model.to(device)
+        move_module(model, device)
         return {"offload": "none"}
     if device.type != "cuda":
         raise OptionError(f"offload={setting}: offload moves weights between GPU and host; this run uses "
