@@ -82,8 +82,8 @@ class LoadOptions:
                               "N -m infinite_talk.cli generate ...): how many split the attention heads (Ulysses "
                               "all-to-all); default: the number of processes / ring", minimum=1, maximum=4096)
     ring: int | None = opt(None, "sequence parallel: how many pass key/value blocks around a ring (ring attention, "
-                           "for long sequences); ulysses × ring = the number of processes; default 1",
-                           minimum=1, maximum=4096)
+                           "for long sequences); ulysses × ring = the number of processes; default: the number of "
+                           "processes / ulysses (1 when ulysses is not given)", minimum=1, maximum=4096)
 
     def validate(self) -> LoadOptions:
         _check_choices(self)

@@ -10,6 +10,10 @@ and offload hooks apply unchanged. Ours is what InfiniteTalk adds (REFERENCE.md 
   token to a speaker via a 1-D RoPE (L-RoPE). It is computed only for two speakers (the reference computes it in
   every block for one speaker too and throws it away: ~1 s of a 4.4 s forward at 480p).
 
+Sequence parallel (`parallel/sequence.py`, a torchrun job): `forward` runs this process's slice of the tokens through
+the blocks and gathers the slices after the head; the blocks take the slice (`shard`) for the self-attention's
+first-frame keys, the routing's min/max and the audio attention's frame boundaries.
+
 State-dict names: diffusers names for the backbone, the released InfiniteTalk names for the adapter
 (`blocks.N.audio_cross_attn.*`, `blocks.N.norm_x.*`, `audio_proj.*`). `models/transformer_loading.py` converts the
 released formats to these names.
