@@ -6,7 +6,8 @@ reference; `reason` says what ran, or why not ("package X not installed", "needs
 "micro-test failed: <error>"). `Capabilities.from_dict()` builds the same object from plain data so tests and
 `doctor --simulate` can stand in for machines we do not have (`simulated(name)`).
 
-Micro-tests (all on cuda:0 when a GPU is present, else on the CPU):
+Micro-tests (all on the current CUDA device — cuda:0, or cuda:LOCAL_RANK in a torchrun job — when a GPU is present,
+else on the CPU):
 - attention: q, k, v of shape [B=1, H=2, L=128, D=128] in bf16 (head dim 128 as in Wan) against float32 math SDPA,
   relative L2 error below 1e-2 for bf16 kernels, 5e-2 for SageAttention2 (int8/fp8), 0.25 for SageAttention3 (fp4);
   L = 128 rather than 64 because SageAttention3 works on 128-token blocks.
@@ -87,7 +88,7 @@ class GpuInfo:
 @dataclass(frozen=True)
 class Capabilities:
     """Probe result. `device` is "cuda" when a usable CUDA GPU is present, else "cpu". Kernel tests ran on
-    `gpus[probed_gpu]` (cuda:0) when there is a GPU."""
+    `gpus[probed_gpu]` (the current CUDA device) when there is a GPU."""
 
     device: str
     gpus: tuple[GpuInfo, ...] = ()
@@ -191,12 +192,14 @@ def _probe() -> Capabilities:
         cuda_ok = torch.cuda.is_available() and torch.cuda.device_count() > 0
     except Exception:  # a broken driver must not crash the probe
         cuda_ok = False
+    current = 0
     if cuda_ok:
+        current = torch.cuda.current_device()
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             free = None
-            try:
-                free = torch.cuda.mem_get_info(i)[0] / 2**30
+            try:  # only this process' GPU: asking another would open a CUDA context on it (every rank of a job)
+                free = torch.cuda.mem_get_info(i)[0] / 2**30 if i == current else None
             except Exception:
                 pass
             gpus.append(GpuInfo(i, p.name, (p.major, p.minor), round(p.total_memory / 2**30, 1),
@@ -220,6 +223,7 @@ def _probe() -> Capabilities:
         cuda_version=torch.version.cuda,
         cudnn_version=cudnn,
         driver_version=_driver_version() if gpus else None,
+        probed_gpu=current,
     )
     kernels = {key: _run_check(key, caps) for key in KERNELS}
     return dataclasses.replace(caps, kernels=kernels)
@@ -330,7 +334,7 @@ def _need_gpu(caps: Capabilities, what: str = "a CUDA GPU", min_sm: tuple[int, i
 
 
 def _dev(caps: Capabilities) -> str:
-    return "cuda:0" if caps.gpu else "cpu"
+    return f"cuda:{caps.probed_gpu}" if caps.gpu else "cpu"
 
 
 def _qkv(device: str, dtype=None):
@@ -419,7 +423,7 @@ def _check_flash_attn_2(caps: Capabilities):
     mod = _import("flash_attn", "flash-attn", version)
     if _vtuple(version) < _REQUIRED_FLASH_ATTN:
         raise _Unmet(f"flash-attn {version} installed; diffusers needs >= 2.6.3", version)
-    return (version, *_per_dtype("cuda:0", ("bfloat16", "float16"), _blhd(mod.flash_attn_func), 1e-2, "flash_attn"))
+    return (version, *_per_dtype(_dev(caps), ("bfloat16", "float16"), _blhd(mod.flash_attn_func), 1e-2, "flash_attn"))
 
 
 def _fa3_check(module: str, package: str, dists: tuple[str, ...], diffusers_dist: str | None):
@@ -431,7 +435,7 @@ def _fa3_check(module: str, package: str, dists: tuple[str, ...], diffusers_dist
             raise _Unmet(f"{module} imports but the {diffusers_dist} distribution is not installed, so diffusers' "
                          "_flash_3 backend refuses it", version)
         # the fa3-fwd wheel is built without fp16 ("This flash attention build does not support FP16", H200)
-        return (version, *_per_dtype("cuda:0", ("bfloat16", "float16"), _blhd(mod.flash_attn_func), 1e-2, module))
+        return (version, *_per_dtype(_dev(caps), ("bfloat16", "float16"), _blhd(mod.flash_attn_func), 1e-2, module))
 
     return check
 
@@ -447,7 +451,7 @@ def _check_sageattn(caps: Capabilities):
     def run(q, k, v):
         return mod.sageattn(q, k, v, tensor_layout="HND", is_causal=False)
 
-    return (version, *_per_dtype("cuda:0", ("bfloat16", "float16"), run, 5e-2, "sageattn"))
+    return (version, *_per_dtype(_dev(caps), ("bfloat16", "float16"), run, 5e-2, "sageattn"))
 
 
 def _check_sageattn_3(caps: Capabilities):
@@ -460,7 +464,7 @@ def _check_sageattn_3(caps: Capabilities):
     def run(q, k, v):
         return mod.sageattn3_blackwell(q, k, v, per_block_mean=False)
 
-    return (version, *_per_dtype("cuda:0", ("bfloat16", "float16"), run, 0.25, "sageattn3"))
+    return (version, *_per_dtype(_dev(caps), ("bfloat16", "float16"), run, 0.25, "sageattn3"))
 
 
 def _check_scaled_mm(caps: Capabilities):
@@ -469,12 +473,12 @@ def _check_scaled_mm(caps: Capabilities):
     version = torch.__version__
     _need_gpu(caps, "a CUDA GPU with sm >= 8.9", min_sm=(8, 9), version=version)
     g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(32, 32, generator=g).to("cuda:0", torch.float8_e4m3fn)
-    b = torch.randn(32, 32, generator=g).to("cuda:0", torch.float8_e4m3fn).t()  # column-major second operand
-    one = torch.tensor(1.0, device="cuda:0")
+    a = torch.randn(32, 32, generator=g).to(_dev(caps), torch.float8_e4m3fn)
+    b = torch.randn(32, 32, generator=g).to(_dev(caps), torch.float8_e4m3fn).t()  # column-major second operand
+    one = torch.tensor(1.0, device=_dev(caps))
     out = torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
     ref = a.float() @ b.float()
-    return version, f"micro-test passed on cuda:0 (e4m3 32x32 tensorwise, {_compare(out, ref, 1e-2, '_scaled_mm')})"
+    return version, f"micro-test passed on {_dev(caps)} (e4m3 32x32 tensorwise, {_compare(out, ref, 1e-2, '_scaled_mm')})"
 
 
 def _tiny_linear(dev: str):
