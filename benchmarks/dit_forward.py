@@ -137,17 +137,21 @@ def grid(config: str, size: int) -> tuple[int, int, int]:
     return LATENT_GRIDS[size] if config == "14b" else (3, 8, 8)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def model_arguments(parser: argparse.ArgumentParser, attention_default: str | None, attention_help: str) -> None:
+    """The flags that choose the model and its shape, shared by the transformer benchmarks."""
     parser.add_argument("--config", choices=sorted(GEOMETRIES), default="14b")
     parser.add_argument("--size", type=int, choices=sorted(LATENT_GRIDS), default=480)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--attention", default="native",
-                        help="diffusers attention backend name, or one of ours (fa3_fwd, sageattn3)")
+    parser.add_argument("--attention", default=attention_default, help=attention_help)
     parser.add_argument("--quantization", default="disabled",
                         choices=["disabled", "fp8-compute", "fp8-storage", "int8-weight-only", "nf4"])
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    model_arguments(parser, "native", "diffusers attention backend name, or one of ours (fa3_fwd, sageattn3)")
     parser.add_argument("--speakers", type=int, choices=[1, 2], default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--parity-layers", type=int, default=0,

@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from dit_forward import LATENT_GRIDS, build_model, device_name, grid, make_inputs, peak_gib, report, timed
+from dit_forward import build_model, device_name, grid, make_inputs, model_arguments, peak_gib, report, timed
 from infinite_talk.models.configs import GEOMETRIES
 from infinite_talk.parallel.launch import world_from_env
 from infinite_talk.parallel.sequence import SequenceParallel
@@ -77,17 +77,9 @@ def chunk_seconds(model, geometry, device, args, peers=None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=sorted(GEOMETRIES), default="14b")
-    parser.add_argument("--size", type=int, choices=sorted(LATENT_GRIDS), default=480)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--attention",
-                        help="diffusers attention backend name, or one of ours (fa3_fwd, sageattn3); Ulysses runs "
-                             "around any, ring needs one returning the log-sum-exp (default: _native_cudnn on CUDA, "
-                             "native on the CPU)")
-    parser.add_argument("--quantization", default="disabled",
-                        choices=["disabled", "fp8-compute", "fp8-storage", "int8-weight-only", "nf4"])
-    parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    model_arguments(parser, None, "diffusers attention backend name, or one of ours (fa3_fwd, sageattn3); Ulysses "
+                    "runs around any, ring needs one returning the log-sum-exp (default: _native_cudnn on CUDA, "
+                    "native on the CPU)")
     parser.add_argument("--speakers", type=int, choices=[1, 2], default=1)
     parser.add_argument("--ulysses", type=int, help="default: the number of processes / ring")
     parser.add_argument("--ring", type=int, default=1)

@@ -43,6 +43,20 @@ def six_block_model() -> InfiniteTalkTransformer:
     return model
 
 
+def record_swaps(model, groups) -> list[tuple[str, int]]:
+    """("onload"|"offload"|"run", block) events, in order, as the model runs."""
+    events = []
+    for name, group in groups.items():
+        i = int(name.split(".")[1])
+        for kind in ("onload_", "offload_"):
+            original = getattr(group, kind)
+            setattr(group, kind, lambda i=i, kind=kind, original=original: (events.append((kind[:-1], i)),
+                                                                             original())[1])
+    for i, block in enumerate(model.blocks):
+        block.attn1.register_forward_pre_hook(lambda *_, i=i: events.append(("run", i)))
+    return events
+
+
 def run(model) -> torch.Tensor:
     with torch.inference_mode():
         return model(**random_transformer_inputs(G6))
@@ -116,15 +130,7 @@ def test_block_swap_hooks_exactly_n_blocks_prefetches_and_keeps_the_output():
     assert triggers == {1, 4}
     assert report["swapped_bytes"] == sum(weight_bytes(model.blocks[i]) for i in (2, 5))
 
-    events = []
-    for name, group in groups.items():
-        i = int(name.split(".")[1])
-        for kind in ("onload_", "offload_"):
-            original = getattr(group, kind)
-            setattr(group, kind, lambda i=i, kind=kind, original=original: (events.append((kind[:-1], i)),
-                                                                             original())[1])
-    for i, block in enumerate(model.blocks):
-        block.attn1.register_forward_pre_hook(lambda *_, i=i: events.append(("run", i)))
+    events = record_swaps(model, groups)
     assert torch.equal(run(model), expected)
     for i in (2, 5):
         first_onload = events.index(("onload", i))
@@ -161,16 +167,9 @@ def test_quantized_blocks_are_swapped_in_their_compact_form(mode, tensor_type):
     full = sum(p.numel() * 4 for i in swapped for p in model.blocks[i].parameters())
     assert report["swapped_bytes"] < 0.5 * full
 
-    events = []
-    for name, group in groups.items():
-        i = int(name.split(".")[1])
-        for kind in ("onload_", "offload_"):
-            original = getattr(group, kind)
-            setattr(group, kind, lambda i=i, kind=kind, original=original: (events.append((kind[:-1], i)),
-                                                                             original())[1])
+    events = record_swaps(model, groups)
     weights_seen = {}
     for i, block in enumerate(model.blocks):
-        block.attn1.register_forward_pre_hook(lambda *_, i=i: events.append(("run", i)))
         block.ffn.register_forward_pre_hook(lambda module, _, i=i: weights_seen.update({i: module.net[2].weight}))
     assert torch.equal(run(model), expected)
     pool = groups["blocks.1"].slots
