@@ -96,7 +96,7 @@ class InfiniteTalkPipeline:
         parallel = self._join_processes(world, plan) if plan.world_size > 1 else None
         files, geometry = resolve_model_files(options, say)
         if self.peers is not None:
-            self.peers.files_ready()  # the other processes load their transformer now
+            self.peers.files_ready(to_dict(options))  # the other processes load their transformer now
         _refuse_double_quantization(plan, files)
 
         from .models.audio_encoder import load_audio_encoder

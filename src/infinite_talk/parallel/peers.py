@@ -3,11 +3,18 @@
 Rank 0 runs the whole pipeline (encoders, VAE, chunk loop, mp4 writer, sidecar). The other processes ("followers")
 hold only the transformer and wait for rank 0's messages, each a broadcast from rank 0:
 
-* `load`    — rank 0 found the model files (it writes the tiny preset / downloads first); followers load theirs;
+* `load`    — rank 0 found the model files (it writes the tiny preset / downloads first); the message carries the
+  LoadOptions rank 0 loads with (a dict): followers load their transformer, and load it again when a later `load`
+  names other options (a pipeline loaded again);
 * `forward` — one transformer call: its inputs follow as tensor broadcasts, then every process runs the same
   sequence-parallel forward (rank 0 keeps the gathered output). The message carries the step-cache context
   (kind, chunk, guidance pass, step), so a follower's TeaCache decides exactly as rank 0's;
-* `stop`    — the job is over (finished, cancelled or failed on rank 0 between forwards): followers exit 0.
+* `end`     — one generation is over (finished, cancelled or failed between forwards): followers drop its step-cache
+  state and wait for the next (the job service runs job after job);
+* `idle`    — nothing to do (the job service's queue is empty), sent every `KEEPALIVE_S`: a follower's wait never
+  reaches the process group's timeout;
+* `stop`    — rank 0 is done (the job is over, the service stops, or rank 0 failed between forwards): followers
+  exit 0.
 
 A failure inside a forward leaves the collectives out of step: rank 0 then sends nothing more, ends its job as failed
 (finished chunks kept) and exits non-zero, and the launcher stops the others.
@@ -16,6 +23,7 @@ A failure inside a forward leaves the collectives out of step: rank 0 then sends
 from __future__ import annotations
 
 import re
+import time
 
 import torch
 import torch.distributed as dist
@@ -25,6 +33,7 @@ from .launch import PeerError, World
 
 # A step cache that decides per process from its own slice of tokens would make the processes disagree.
 SAFE_STEP_CACHES = ("off", "teacache")
+KEEPALIVE_S = 60.0  # an idle job service's message to its followers (the group's timeout is GROUP_TIMEOUT)
 
 
 def _broadcast(message: dict | None) -> dict:
@@ -57,12 +66,20 @@ class Leader:
         self.in_forward = False  # a failure now leaves the collectives out of step: no more messages
         self.closed = False
         self.run = 0
+        self.last_sent = time.monotonic()
 
     def describe(self) -> str:
         return f"{self.parallel.describe()} ({dist.get_backend()})"
 
-    def files_ready(self) -> None:
-        self._send({"op": "load"})
+    @property
+    def in_step(self) -> bool:
+        """The processes can still exchange messages (no forward broke off, none of them left)."""
+        return not self.closed and not self.in_forward
+
+    def files_ready(self, options: dict) -> None:
+        """The model files are in place: the followers load their transformer with `options` (LoadOptions as a
+        dict), or keep the one they hold when it was loaded with the same options."""
+        self._send({"op": "load", "options": options})
 
     def check_request(self, request) -> None:
         """Refuse what the processes cannot do together (before any forward)."""
@@ -74,6 +91,22 @@ class Leader:
 
     def start_run(self) -> None:
         self.run += 1
+
+    def end_run(self) -> bool:
+        """Tell the followers that this generation is over (they wait for the next); False when the processes are
+        out of step (a forward broke off, or a process left): no generation can run on them any more."""
+        if not self.in_step:
+            return False
+        try:
+            self._send({"op": "end", "run": self.run})
+        except PeerError:
+            return False
+        return True
+
+    def keep_alive(self) -> None:
+        """An idle leader's sign of life, at most every `KEEPALIVE_S` (raises `PeerError` when a follower left)."""
+        if self.in_step and time.monotonic() - self.last_sent >= KEEPALIVE_S:
+            self._send({"op": "idle"})
 
     def forward(self, fn, args: tuple, *, step_cache, chunk: int, pass_name: str, step: int, steps: int):
         """Send one transformer call (`fn()` on `args`) to the followers, then run it here."""
@@ -113,6 +146,7 @@ class Leader:
         return True
 
     def _send(self, message: dict) -> None:
+        self.last_sent = time.monotonic()
         try:
             _broadcast(message)
         except Exception as err:
@@ -121,11 +155,6 @@ class Leader:
                 raise PeerError(f"another process of the job has stopped ({_short(err)}); its message is printed by that "
                                 "process") from err
             raise
-
-
-def wait_for_files() -> bool:
-    """Follower: wait until rank 0 found the model files; False when rank 0 stopped the job instead."""
-    return _receive()["op"] == "load"
 
 
 def _receive() -> dict:
@@ -137,18 +166,36 @@ def _receive() -> dict:
         raise
 
 
-def follow(transformer, device: torch.device) -> int:
-    """Follower: run every transformer call rank 0 sends until it says stop; returns the number of forwards."""
+def follow(transformer, device: torch.device, load=None) -> int:
+    """Follower: run every transformer call rank 0 sends until it says stop; returns the number of forwards.
+
+    `load(options: dict)` → (transformer, device) answers rank 0's `load` messages (the first one, and one that
+    names other options); without it the given `transformer` runs every call."""
     from ..sampling.step_cache import StepCache
 
     cache, cache_key, chunk_key, forwards = None, None, None, 0
     try:
         while True:
             message = _receive()
-            if message["op"] == "stop":
+            op = message["op"]
+            if op == "stop":
                 return forwards
-            if message["op"] != "forward":
-                raise PeerError(f"unexpected message from rank 0: {message['op']}")
+            if op in ("end", "load"):  # a generation is over / new weights: no step-cache state carries over
+                if cache is not None:
+                    cache.remove()
+                cache, cache_key, chunk_key = None, None, None
+                if op == "load":
+                    if load is None:
+                        raise PeerError("rank 0 sent a load message to a process that holds a fixed transformer")
+                    transformer = None  # the old weights go before the new ones come
+                    transformer, device = load(message["options"])
+                continue
+            if op == "idle":
+                continue
+            if op != "forward":
+                raise PeerError(f"unexpected message from rank 0: {op}")
+            if transformer is None:
+                raise PeerError("rank 0 sent a transformer call before loading the models")
             args = []
             for spec in message["args"]:
                 if spec is None:
@@ -172,7 +219,7 @@ def follow(transformer, device: torch.device) -> int:
                 cache.start_chunk()
                 chunk_key = (message["run"], message["chunk"])
 
-            def call(args=tuple(args)):
+            def call(args=tuple(args), transformer=transformer):
                 return transformer(*args)
 
             try:

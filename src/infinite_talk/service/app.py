@@ -3,6 +3,10 @@
 The model options are those of `generate` (built from the same schema), `--preset tiny` included. The models are
 loaded before the server listens, so a refused option or a missing file stops it with one clear line. A token is
 required whenever the server listens beyond loopback.
+
+`torchrun --nproc-per-node N -m infinite_talk.cli serve ...`: rank 0 is the service (API, job store, one worker);
+its worker runs every job's transformer calls sequence-parallel over all N processes. The other processes serve
+no HTTP and write nothing: they follow job after job (parallel/follower.py) until rank 0 stops.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import signal
 import sys
 import threading
 
@@ -20,6 +25,7 @@ from ..options import LoadOptions
 
 TOKEN_ENV = "INFINITE_TALK_TOKEN"
 MIN_TOKEN_CHARS = 16
+STOP_WAIT_S = 20  # torchrun: the running job's next step, before the launcher's SIGKILL (30 s after its SIGTERM)
 
 
 def add_cli(subparsers) -> None:
@@ -86,8 +92,8 @@ def _load_pipelines(load: LoadOptions, devices: list[str]) -> list:
     pipes, errors = [None] * len(devices), [None] * len(devices)
 
     def load_one(i: int) -> None:
+        pipe = InfiniteTalkPipeline()
         try:
-            pipe = InfiniteTalkPipeline()
             plan = pipe.load_models(dataclasses.replace(load, device=devices[i]),
                                     progress=lambda msg: print(f"worker {i}: {msg}", file=sys.stderr, flush=True))
             if i == 0:
@@ -95,8 +101,12 @@ def _load_pipelines(load: LoadOptions, devices: list[str]) -> list:
                     print("  " + line, file=sys.stderr)
             pipes[i] = pipe
         except BaseException as err:
+            pipe.release_processes()  # torchrun: the other processes stop too
             errors[i] = err
 
+    if len(devices) == 1:  # in the main thread: a torchrun process group's SIGTERM handler is set there
+        load_one(0)
+        devices = []
     threads = [threading.Thread(target=load_one, args=(i,)) for i in range(len(devices))]
     for t in threads:
         t.start()
@@ -110,6 +120,7 @@ def _load_pipelines(load: LoadOptions, devices: list[str]) -> list:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     from ..cli import _build
+    from ..parallel.launch import PeerError
     from .store import JobStore
     from .uploads import Limits
 
@@ -120,6 +131,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     except ImportError as err:
         raise OptionError(f"the service needs fastapi, uvicorn and python-multipart ({err}); install them with "
                           "pip install 'infinite_talk[service]'") from None
+    from ..parallel.launch import world_from_env
+
+    world = world_from_env()  # every process checks the same flags: one that refused would leave the others waiting
+    if world.size > 1 and ns.workers != 1:
+        raise OptionError(f"--workers {ns.workers}: under torchrun the {world.size} processes run each job together "
+                          "(sequence parallel over all their GPUs), one job at a time; use --workers 1, or start "
+                          "the service without torchrun for one job per GPU")
     token = ns.token if ns.token is not None else os.environ.get(TOKEN_ENV) or None
     check_exposure(ns.host, token)
     if not 0 <= ns.port <= 65535:
@@ -131,6 +149,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if getattr(load, "mode", "standard") != "standard":  # it sets per-job sampling values the queue does not apply yet
         raise OptionError(f"--mode {load.mode} is not available in the job service yet; pass its sampling values "
                           "(steps, text_scale, audio_scale, scheduler) in each job's options instead")
+    if not world.is_leader:  # no HTTP, no files: the transformer calls of rank 0's jobs, until it stops
+        from ..parallel.follower import run_follower
+
+        return run_follower(lambda: load, world, ns.debug)
     devices = worker_devices(load.device, ns.workers)
     limits = Limits(max_upload_bytes=int(ns.max_upload_mb * 2**20), max_audio_seconds=float(ns.max_audio_seconds),
                     max_queued=int(ns.max_queued))
@@ -141,22 +163,49 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     from .worker import Worker
 
-    resumed = store.requeue_interrupted()
-    store.sweep_orphans()
-    if resumed:
-        print(f"resuming {len(resumed)} interrupted job(s): {', '.join(resumed)}", file=sys.stderr, flush=True)
     stop = threading.Event()
-    workers = [Worker(store, pipe, f"worker-{i}", stop) for i, pipe in enumerate(pipes)]
-    for w in workers:
-        w.start()
-    app = create_app(store, token, workers)
-    print(f"serving on http://{ns.host}:{ns.port} (data: {store.root}, {len(workers)} worker(s), "
-          f"{'token required' if token else 'no token: loopback only'})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level="info")
-    stop.set()
-    busy = [w.current for w in workers if w.current]
+    workers: list = []
+    try:
+        resumed = store.requeue_interrupted()
+        store.sweep_orphans()
+        if resumed:
+            print(f"resuming {len(resumed)} interrupted job(s): {', '.join(resumed)}", file=sys.stderr, flush=True)
+        workers = [Worker(store, pipe, f"worker-{i}", stop, on_broken=lambda: setattr(server, "should_exit", True))
+                   for i, pipe in enumerate(pipes)]
+        server = uvicorn.Server(uvicorn.Config(create_app(store, token, workers), host=ns.host, port=ns.port,
+                                               log_level="info"))
+        for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn handles them while serving, then raises them again
+            signal.signal(sig, lambda signum, frame: setattr(server, "should_exit", True))
+        for w in workers:
+            w.start()
+        print(f"serving on http://{ns.host}:{ns.port} (data: {store.root}, {len(workers)} worker(s)"
+              + (f", each job on {world.size} processes" if world.size > 1 else "")
+              + f", {'token required' if token else 'no token: loopback only'})", file=sys.stderr, flush=True)
+        server.run()
+    finally:
+        stop.set()
+        _stop(pipes, workers, world)
+    broken = [w.broken for w in workers if w.broken]
+    if broken:
+        raise PeerError(broken[0])
+    if not server.started:
+        raise OptionError(f"the server could not listen on {ns.host}:{ns.port} (uvicorn's message is above), e.g. "
+                          "the port is in use: choose another --port")
+    print("stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _stop(pipes: list, workers: list, world) -> None:
+    """After the server stopped: a single process leaves running jobs as they are (they resume at the next start);
+    a torchrun service first lets its worker leave the job at the next step, then tells the other processes to exit."""
+    if world.size > 1:
+        for w in workers:
+            if w.is_alive():
+                w.join(STOP_WAIT_S)
+    busy = [w.current for w in workers if w.is_alive() and w.current]
     if busy:  # the running jobs resume from their last chunk at the next start; don't wait for them
         print(f"stopped; {len(busy)} running job(s) resume at the next start", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(0)
-    return 0
+    for pipe in pipes:
+        pipe.release_processes()

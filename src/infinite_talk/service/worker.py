@@ -3,6 +3,13 @@
 A job runs through `InfiniteTalkPipeline.generate` with a checkpoint after every chunk; when the job was interrupted
 (server killed, machine restarted) it continues from the last checkpoint with the saved noise-generator state and
 context frames, so the finished video has the frames of an uninterrupted run with the same seed.
+
+Under torchrun (`torchrun --nproc-per-node N -m infinite_talk.cli serve ...`) rank 0's one worker runs every job's
+transformer calls on all N processes (parallel/peers.py): the job ends with an `end` message, an idle queue sends a
+keep-alive, and a stopping server leaves the running job at its next step (it resumes at the next start) so that
+rank 0 can tell the others to exit. A failure that leaves the processes out of step (a process died, a transformer
+call broke off) fails the job with its message; then the worker runs no more jobs and stops the server
+(`on_broken`): restarted, it continues the queue.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import numpy as np
 
 from ..errors import CancelledError, InfiniteTalkError
 from ..options import GenerateOptions
+from ..parallel.launch import PeerError
 from .checkpoint import JobCheckpoint
 from .store import Job, JobStore
 
@@ -41,14 +49,21 @@ def request_for(job: Job, folder: Path) -> GenerateOptions:
     return GenerateOptions(**job.options, **paths).validate()
 
 
+class ServiceStopping(BaseException):
+    """The server stops while a torchrun service runs a job: the job leaves at its next step, between transformer
+    calls, so that rank 0 can tell the other processes to exit; it resumes from its last chunk at the next start."""
+
+
 class Worker(threading.Thread):
-    def __init__(self, store: JobStore, pipeline, name: str, stop: threading.Event):
+    def __init__(self, store: JobStore, pipeline, name: str, stop: threading.Event, on_broken=None):
         super().__init__(name=name, daemon=True)
         self.store, self.pipeline, self.stop = store, pipeline, stop
         self.current: str | None = None
+        self.on_broken = on_broken or (lambda: None)
+        self.broken: str | None = None  # torchrun: why the processes can run no more jobs together
 
     def run(self) -> None:
-        while not self.stop.is_set():
+        while not self.stop.is_set() and self.broken is None:
             try:
                 job = self.store.claim_next(self.name)
             except Exception:  # a locked or briefly unavailable database: try again
@@ -56,10 +71,14 @@ class Worker(threading.Thread):
                 job = None
             if job is None:
                 self.store.wait_for_work(IDLE_POLL_S)
+                self._keep_peers_alive()
                 continue
             self.current = job.id
             try:
                 self.process(job)
+            except ServiceStopping:
+                log.info("%s: job %s stopped with the server; it resumes from its last chunk at the next start",
+                         self.name, job.id)
             except Exception:  # the queue itself failed (disk full...); the job resumes at the next start
                 log.exception("%s: job %s interrupted", self.name, job.id)
                 self.stop.wait(IDLE_POLL_S)
@@ -88,6 +107,8 @@ class Worker(threading.Thread):
                                                     for k, v in info.items()})
 
         def should_stop() -> bool:
+            if self.stop.is_set() and self.pipeline.peers is not None:
+                raise ServiceStopping()
             now = time.monotonic()
             if now - last["cancel_t"] >= CANCEL_POLL_S:
                 last["cancel_t"], last["cancel"] = now, self.store.cancel_requested(job.id)
@@ -113,6 +134,30 @@ class Worker(threading.Thread):
                               frames_sha256=digest.hexdigest())
             checkpoint.clear()
             log.info("%s: job %s completed (%d frames)", self.name, job.id, result.frames)
+        finally:
+            self._end_job(job)
+
+    def _end_job(self, job: Job) -> None:
+        """torchrun: the other processes wait for the next job, unless this one left them out of step."""
+        peers = self.pipeline.peers
+        if peers is not None and not peers.end_run():
+            error = self.store.get(job.id).error
+            self._break(f"job {job.id} left the processes of this torchrun service out of step"
+                        + (f" ({error})" if error else ""))
+
+    def _keep_peers_alive(self) -> None:
+        peers = self.pipeline.peers
+        if peers is not None:
+            try:
+                peers.keep_alive()
+            except PeerError as err:
+                self._break(str(err))
+
+    def _break(self, reason: str) -> None:
+        self.broken = (f"{reason}; this torchrun service runs no more jobs and stops: restart it (queued jobs wait, "
+                       "interrupted ones resume)")
+        log.error("%s: %s", self.name, self.broken)
+        self.on_broken()
 
     def _finish(self, job: Job, folder: Path, checkpoint: JobCheckpoint, state: str, error: str) -> None:
         """Cancelled or failed: the mp4 keeps the finished frames (the pipeline closes it); record what is there."""
