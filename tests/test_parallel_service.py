@@ -27,6 +27,7 @@ from infinite_talk.media.mp4 import probe_media  # noqa: E402
 from infinite_talk.options import GenerateOptions, LoadOptions  # noqa: E402
 from infinite_talk.pipeline import InfiniteTalkPipeline  # noqa: E402
 from infinite_talk.service.store import JobStore  # noqa: E402
+from infinite_talk.testing.service import wait_until_healthy  # noqa: E402
 
 TESTS = Path(__file__).parent
 EXAMPLES = TESTS / "data" / "examples"
@@ -73,17 +74,9 @@ class Ranks:
         return self.root / f"rank-{rank}"
 
     def wait_up(self, procs: list[subprocess.Popen]) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in procs):
-                pytest.fail(f"a process exited:\n{self.log(0)[-3000:]}\n{self.log(1)[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"the service did not start:\n{self.log(0)[-3000:]}")
+        why = wait_until_healthy(self.url, procs, TIMEOUT)
+        if why:
+            pytest.fail(f"the service did not start ({why}):\n{self.log(0)[-3000:]}\n{self.log(1)[-3000:]}")
 
 
 def _serve_args(root: Path, port: int) -> list[str]:

@@ -22,6 +22,8 @@ import torch
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from infinite_talk.testing.service import wait_until_healthy  # noqa: E402
+
 EXAMPLES = Path(__file__).parent / "data" / "examples"
 TOKEN = "test-token-0123456789abcdef"
 # Short chunks (21 frames: 5 of context, 16 new) at 2 steps of 1 pass: 5 s of video in 8 chunks.
@@ -56,17 +58,9 @@ class Server:
              "--max-queued", str(MAX_QUEUED), "--max-audio-seconds", "600"],
             stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"server did not start:\n{self.log()}")
+        why = wait_until_healthy(self.url, [self.proc], 300)
+        if why:
+            pytest.fail(f"server did not start ({why}, exit code {self.proc.poll()}):\n{self.log()}")
 
     def kill(self) -> None:
         self.proc.kill()  # SIGKILL: no clean-up of any kind
