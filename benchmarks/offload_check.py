@@ -38,6 +38,8 @@ def model(seed: int = 0) -> InfiniteTalkTransformer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", default="fp8-compute,fp8-storage,int8-weight-only,nf4")
+    parser.add_argument("--compile", action="store_true",
+                        help="also compile the blocks of the swapped model and count the graphs dynamo builds")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -53,9 +55,20 @@ def main() -> None:
             swapped = model()
             quantize_transformer(swapped, mode, "cpu")  # the offloaded pipeline's order
             report_ = apply_offload(swapped, "blocks:4", device)
+            if args.compile:  # as the pipeline does (after placing)
+                torch._dynamo.reset()
+                for block in swapped.blocks:
+                    block.compile()
             with torch.inference_mode():
                 a, b = whole(**inputs).float(), swapped(**inputs).float()
                 b2 = swapped(**inputs).float()  # a second call reuses the slots
+                for _ in range(3):
+                    b2 = swapped(**inputs).float()
+            if args.compile:
+                from torch._dynamo.utils import counters
+
+                row["graphs"] = dict(counters["stats"])
+                row["recompiles"] = sum(counters["recompiles"].values()) if "recompiles" in counters else None
             row.update(mechanism=report_.get("mechanism"), swapped_blocks=report_["swapped_blocks"],
                        rel_l2=float((a - b).norm() / a.norm()), repeat_equal=bool(torch.equal(b, b2)),
                        weight_type=type(swapped.blocks[0].ffn.net[2].weight).__name__)

@@ -168,6 +168,23 @@ def test_quantized_transformers_swap_blocks_but_are_never_streamed_leaf_by_leaf(
         resolve(LoadOptions(quantization=flag, offload="sequential"), _gpu(23.0))
 
 
+def test_compiled_quantized_blocks_are_never_swapped():
+    """torch.compile fails on swapped-in torchao weights (H200, benchmarks/results/offload_check_compile_h200.json):
+    auto keeps a compiled quantized model whole, an explicit swap is refused, bf16 + compile still swaps."""
+    compiled = MemoryModel(GEOMETRY_14B, quantization="int8-weight-only", attention_backend="_native_cudnn",
+                           compiled=True)
+    assert {s.offload for s in compiled.candidates()} == {"none"}
+    with pytest.raises(OptionError, match=r"^offload=blocks:8: compiled blocks with swapped quantized weights fail "
+                                          r"in torch.compile .*; drop --compile, or use --offload none"):
+        resolve(LoadOptions(quantization="int8", offload="blocks:8", compile=True), _gpu(23.0))
+    assert resolve(LoadOptions(offload="blocks:8", compile=True), _gpu(23.0)).offload == "blocks:8"
+    plan = resolve(LoadOptions(quantization="int8", compile=True), _gpu(11.25))
+    assert plan.offload == "none"  # does not fit, and says so, rather than swap compiled quantized blocks
+    assert plan.options["offload"].reason.startswith("nothing fits the free 11.2 GiB")
+    assert [w for w in plan.memory["warnings"] if "without --compile the int8-weight-only blocks could be swapped "
+                                                    "to fit" in w]
+
+
 def test_a_quantized_transformer_is_swapped_when_it_does_not_fit_whole():
     """int8 at 480p: ~15 GiB of block weights; with 12 GiB free auto swaps blocks instead of refusing."""
     model = MemoryModel(GEOMETRY_14B, quantization="int8-weight-only", attention_backend="_native_cudnn")

@@ -537,6 +537,7 @@ class MemoryModel:
     t5_quantization: str = "disabled"
     attention_backend: str = "_native_flash"
     encoder_itemsize: int = 2  # T5 in bf16, CLIP in fp16 on a GPU
+    compiled: bool = False  # torch.compile'd blocks: quantized ones cannot be swapped (COMPILED_QUANTIZED_SWAP)
 
     @property
     def transformer(self) -> TransformerBytes:
@@ -590,9 +591,10 @@ class MemoryModel:
     def candidates(self, offload: str = "auto", vae_tiling: str = "auto"):
         """Settings in the order `auto` tries them (fewest copies first)."""
         num = len(self.transformer.blocks)
-        leaf_level = ["sequential"] if self.quantization == "disabled" else []  # see QUANTIZED_OFFLOAD
-        offloads = ["none"] + [f"blocks:{i}" for i in range(1, num + 1)] + leaf_level if offload == "auto" \
-            else [offload]
+        quantized = self.quantization != "disabled"
+        leaf_level = [] if quantized else ["sequential"]  # see QUANTIZED_OFFLOAD
+        blocks = [] if quantized and self.compiled else [f"blocks:{i}" for i in range(1, num + 1)]
+        offloads = ["none"] + blocks + leaf_level if offload == "auto" else [offload]
         tilings = [False, True] if vae_tiling == "auto" else [vae_tiling == "on"]
         for off in offloads:
             encoders = ([False, True] if offload == "auto" else [False]) if off == "none" else [True]
@@ -617,14 +619,15 @@ class MemoryModel:
         return {"geometry": self.geometry.name, "model_dtype": self.model_dtype, "vae_dtype": self.vae_dtype,
                 "quantization": self.quantization, "t5_quantization": self.t5_quantization,
                 "attention_backend": self.attention_backend, "encoder_itemsize": self.encoder_itemsize,
-                "free_gib": None if free_bytes is None else free_bytes / GIB, "setting": dataclasses.asdict(setting),
+                "compiled": self.compiled, "free_gib": None if free_bytes is None else free_bytes / GIB,
+                "setting": dataclasses.asdict(setting),
                 "sm": list(sm) if sm else None}
 
 
 def _model_from_context(ctx: dict, quantization: str | None = None) -> MemoryModel:
     return MemoryModel(GEOMETRIES[ctx["geometry"]], ctx["model_dtype"], ctx["vae_dtype"],
                        quantization or ctx["quantization"], ctx["t5_quantization"], ctx["attention_backend"],
-                       ctx["encoder_itemsize"])
+                       ctx["encoder_itemsize"], ctx.get("compiled", False))
 
 
 # ---- speed notes ---------------------------------------------------------------------------------------------------
@@ -705,6 +708,11 @@ def _live_free_gib(caps, device: str) -> float | None:
 # ("Attempted to set the storage of a tensor on device cuda:0 to a storage on different device cpu"). Quantized blocks
 # are therefore swapped by our compact hook (`models/offload.py`, `CompactBlockGroup`); leaf-level `sequential` is
 # diffusers' alone and stays refused for them (`blocks:40` swaps every block, in compact form).
+# Measured on an H200 (benchmarks/offload_check.py --compile): torch.compile'd blocks whose quantized weights are
+# swapped in by `CompactBlockGroup` fail to trace (dynamo: "Attempting to broadcast a dimension of length 32" in the
+# quantized linear), for fp8 and int8 alike; bf16 blocks swapped by diffusers compile and run.
+COMPILED_QUANTIZED_SWAP = ("compiled blocks with swapped quantized weights fail in torch.compile (dynamo cannot "
+                           "trace the swapped-in torchao tensors; seen on an H200)")
 QUANTIZED_OFFLOAD = ("leaf-level offloading of quantized layers does not work with diffusers' group offloading and "
                      "torchao 0.18 (their tensors cannot be copied by it; seen on an H200)")
 
@@ -733,7 +741,11 @@ def plan_memory(options, caps, *, device: str, model_dtype: str, vae_dtype: str,
         raise OptionError(f"offload=sequential: {QUANTIZED_OFFLOAD}; use --offload blocks:{geometry.dit.num_layers} "
                           f"(every block swapped in its compact {quantization} form), or --quantization disabled "
                           "with --offload sequential")
-    model = MemoryModel(geometry, model_dtype, vae_dtype, quantization, t5_quantization, attention_backend)
+    if quantization != "disabled" and kind == "blocks" and options.compile:
+        raise OptionError(f"offload={options.offload}: {COMPILED_QUANTIZED_SWAP}; drop --compile, or use "
+                          f"--offload none with quantization={quantization} and --compile")
+    model = MemoryModel(geometry, model_dtype, vae_dtype, quantization, t5_quantization, attention_backend,
+                        compiled=options.compile)
     free = (free_gib if free_gib is not None else _live_free_gib(caps, device)) * GIB
     sm = caps.gpu.capability if caps.gpu else None
     everything = model.estimate(Setting(), shape)
@@ -743,7 +755,9 @@ def plan_memory(options, caps, *, device: str, model_dtype: str, vae_dtype: str,
     free_text = f"free {free / GIB:.1f} GiB"
     where = f"est. peak {_gib(est.peak)} GiB ({est.peak_phase})"
     if options.offload == "auto":
-        if s.offload == "none":
+        if not fits:
+            reason = f"nothing fits the {free_text}; the fewest-copies setting tried last: {where} (see warnings)"
+        elif s.offload == "none":
             reason = f"{where} fits the {free_text} with headroom ({HEADROOM:.0%}, at least {ALLOCATOR_SLACK / GIB:g} GiB)"
         else:
             reason = (f"est. peak {_gib(everything.peak)} GiB > {free_text} with every weight on the GPU; with "
@@ -763,6 +777,9 @@ def plan_memory(options, caps, *, device: str, model_dtype: str, vae_dtype: str,
         better, better_fits = model.choose(free, shape)
         hint = f"; {better.setting.flags()} would fit (est. {_gib(better.peak)} GiB)" if better_fits else (
             "; no setting fits: a smaller --size or fewer --frame-num, or --quantization nf4")
+        if not better_fits and model.compiled and quantization != "disabled" and \
+                dataclasses.replace(model, compiled=False).choose(free, shape)[1]:
+            hint = f"; without --compile the {quantization} blocks could be swapped to fit ({COMPILED_QUANTIZED_SWAP})"
         warnings.append(f"est. peak {_gib(est.peak)} GiB + headroom > {free_text}: this may run out of GPU "
                         f"memory{hint}")
     enc = model.weights()
