@@ -30,6 +30,10 @@ def main() -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     (root / f"rank-{rank}.exit").write_text(str(code))
+    if rank != "0":  # as `infinite-talk` (cli.run) ends these processes: no teardown
+        from infinite_talk.parallel.launch import exit_process
+
+        exit_process(code)
     return code
 
 

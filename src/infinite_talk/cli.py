@@ -219,5 +219,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The `infinite-talk` command: `main`, then exit; a torchrun job's other processes exit without teardown
+    (`parallel.launch.exit_process`)."""
+    from .parallel.launch import exit_process, world_from_env
+
+    code = main()
+    try:
+        follower = not world_from_env().is_leader
+    except InfiniteTalkError:  # malformed launcher variables: main() has said so already
+        follower = False
+    if follower:
+        exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -163,7 +163,7 @@ class InfiniteTalkPipeline:
 
         if self.peers is not None:
             if self.peers.close():
-                stop_group()
+                stop_group(leader=True)
             self.peers = None
 
     def _require_models(self) -> None:

@@ -23,7 +23,8 @@ def run_follower(load_options, world: World, debug: bool = False, dry_run: bool 
         options = load_options()
         if not dry_run:
             _follow(options, world, signalled)
-            stop_group()  # only after a clean stop: after a failure the group may wait for the processes that left
+            stop_group(leader=False)  # only after a clean stop: after a failure the group may wait for the
+            # processes that left
         return 0
     except PeerError as err:
         if signalled:  # told to stop, and rank 0 went first without a word: the launcher is ending the job
