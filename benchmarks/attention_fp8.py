@@ -1,7 +1,7 @@
-"""Self-attention kernels at the 480p shape: speed and error against float32, to decide whether fp8 attention
-(`fa3_fwd_fp8` below: FlashAttention-3 with fp8 Q/K/V, per-head scales, smoothed K) can be offered. On an H200 it
-could not (benchmarks/results/attention_fp8_h200.json): 7-13% rel-L2 error against 0.7-1.2% for bf16 FA3, for a
-10% faster kernel; so it is not one of the product's kernels.
+"""Self-attention kernels at the 480p shape: speed and error against float32, to decide whether 8-bit attention can
+be offered. `fa3_fwd_fp8` below (FlashAttention-3 with fp8 Q/K/V, per-head scales, smoothed K) could not
+(benchmarks/results/attention_fp8_h200.json): 7-13% rel-L2 error against 0.7-1.2% for bf16 FA3, for a 10% faster
+kernel. `sage8_triton` / `sage8_triton_bf16pv` are ours (models/int8_attention.py: INT8 Q·Kᵀ, FP8 or BF16 P·V).
 
     python benchmarks/attention_fp8.py --out attention.json     # Hopper GPU with the fa3-fwd wheel
     python benchmarks/attention_fp8.py --device cpu --tokens 256 --kernels sdpa   # smoke test
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dit_forward import device_name, matmul_rate, report, timed  # noqa: E402
+from infinite_talk.models.int8_attention import int8_attention  # noqa: E402
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -77,7 +78,7 @@ def reference(q, k, v) -> torch.Tensor:
     return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
 
 
-def kernels(names: list[str]) -> dict:
+def kernels(names: list[str], configs=()) -> dict:
     from infinite_talk.models import attention_kernels as ak
 
     def sdpa(q, k, v):
@@ -96,7 +97,11 @@ def kernels(names: list[str]) -> dict:
 
     table = {"sdpa": sdpa, "fa3_fwd": ak.fa3_fwd, "fa3_fp8_plain": fa3_fp8_plain,
              "fa3_fp8_unsmoothed": fa3_fp8_unsmoothed, "fa3_fwd_fp8": fa3_fwd_fp8}
-    return {n: table[n] for n in names}
+    for pv, name in (("fp8", "sage8_triton"), ("bf16", "sage8_triton_bf16pv")):
+        table[name] = lambda q, k, v, pv=pv: int8_attention(q, k, v, pv)
+        for cfg in configs:  # block-size sweep: NAME@BLOCK_M-BLOCK_N-WARPS-STAGES
+            table[f"{name}@{'-'.join(map(str, cfg))}"] = lambda q, k, v, pv=pv, cfg=cfg: int8_attention(q, k, v, pv, cfg)
+    return {n: table[n] for n in names + [n for n in table if "@" in n and n.split("@")[0] in names]}
 
 
 def main() -> None:
@@ -109,8 +114,11 @@ def main() -> None:
     parser.add_argument("--sharpness", default="1,4", help="comma list of Q multipliers")
     parser.add_argument("--key-offset", type=float, default=2.0)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--configs", default="", help="Triton block configs to sweep for the sage8 kernels, e.g. "
+                        "'128-64-4-3,128-128-8-3' (BLOCK_M-BLOCK_N-warps-stages)")
     parser.add_argument("--out")
     args = parser.parse_args()
+    configs = [tuple(int(x) for x in c.split("-")) for c in args.configs.split(",") if c]
     device = torch.device(args.device)
     dtype = torch.bfloat16
     flops = 4 * args.tokens**2 * args.heads * args.dim
@@ -119,7 +127,7 @@ def main() -> None:
         q, k, v = make_qkv(args.tokens, args.heads, args.dim, sharp, args.key_offset, device)
         ref = reference(q, k, v)
         q, k, v = (t.to(dtype) for t in (q, k, v))
-        for name, fn in kernels(args.kernels.split(",")).items():
+        for name, fn in kernels(args.kernels.split(","), configs).items():
             try:
                 with torch.inference_mode():
                     out = fn(q, k, v)

@@ -19,6 +19,7 @@ import time
 import torch
 
 from dit_forward import build_model, device_name, grid, matmul_rate, peak_gib, report
+from infinite_talk.models.compilation import compile_blocks
 from infinite_talk.models.configs import GEOMETRIES
 from infinite_talk.models.vae import WanVae
 from infinite_talk.sampling.guidance import passes_for
@@ -84,8 +85,7 @@ def main() -> None:
     frame_num = 4 * (frames - 1) + 1
     model = build_model(cfg, device, torch.bfloat16, args.attention, args.quantization)
     if args.compile:
-        for block in model.blocks:
-            block.compile()
+        compile_blocks(model)
     vae = random_vae(geometry, device, torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32)
     if device.type == "cuda":
         vae.use_channels_last()  # as load_vae does

@@ -21,6 +21,7 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
+from infinite_talk.models.compilation import compile_blocks
 from infinite_talk.models.configs import GEOMETRIES
 from infinite_talk.models.quantize import quantize_transformer
 from infinite_talk.models.transformer import InfiniteTalkTransformer
@@ -156,6 +157,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--parity-layers", type=int, default=0,
                         help="also compare the first N blocks of this configuration with float32 math (rel-L2)")
+    parser.add_argument("--compare-attention", default="",
+                        help="comma list of other attention backends: time the same model's forward with each and "
+                             "report its rel-L2 against this forward (e.g. --attention fa3_fwd --compare-attention "
+                             "sage8_triton,_native_cudnn)")
+    parser.add_argument("--two-speaker-overhead", action="store_true",
+                        help="also time the forward with two speakers (first-frame map + L-RoPE routing)")
     parser.add_argument("--out")
     args = parser.parse_args()
 
@@ -166,8 +173,7 @@ def main() -> None:
     frames, lat_h, lat_w = grid(args.config, args.size)
     model = build_model(cfg, device, dtype, args.attention, args.quantization)
     if args.compile:
-        for block in model.blocks:
-            block.compile()
+        compile_blocks(model)
     inputs = make_inputs(cfg, device, frames, lat_h, lat_w, args.speakers)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -190,10 +196,43 @@ def main() -> None:
         "floor_s_at_matmul_rate": round(flops / (rate * 1e12), 4),
         "peak_memory_gib": peak_gib(device), "torch": torch.__version__,
     }
+    if args.two_speaker_overhead and args.speakers == 1:
+        two = make_inputs(cfg, device, frames, lat_h, lat_w, 2)
+        two["ref_target_masks"][0, :, : lat_w // 2] = 0  # speaker 1 left, speaker 2 right, background elsewhere
+        two["ref_target_masks"][1, :, lat_w // 2:] = 0
+        with torch.inference_mode():
+            timed(lambda: model(**two), device, 1)
+            two_s = statistics.median(timed(lambda: model(**two), device, args.iters))
+        result["two_speakers"] = {"seconds_per_forward": round(two_s, 4), "overhead_s": round(two_s - seconds, 4)}
+    if args.compare_attention:
+        result["compare_attention"] = compare_attention(model, inputs, args, device)
     if args.parity_layers:
         del model
         result["parity"] = parity(cfg, device, dtype, args, inputs)
     report(result, args.out)
+
+
+def compare_attention(model, inputs, args, device) -> list[dict]:
+    """Each of `--compare-attention` in the same model: seconds per forward and rel-L2 against `--attention`."""
+    with torch.inference_mode():
+        base = model(**inputs).float()
+    rows = []
+    for name in args.compare_attention.split(","):
+        try:
+            model.set_attention_backend(name)
+            with torch.inference_mode():
+                first = timed(lambda: model(**inputs), device, 1)[0]
+                seconds = statistics.median(timed(lambda: model(**inputs), device, args.iters))
+                out = model(**inputs).float()
+        except Exception as err:  # a kernel this machine lacks
+            rows.append({"attention": name, "error": f"{type(err).__name__}: {err}"[:300]})
+            continue
+        rel = float((out - base).norm() / base.norm())
+        rows.append({"attention": name, "first_call_s": round(first, 3), "seconds_per_forward": round(seconds, 4),
+                     "rel_l2_vs_reference": round(rel, 5), "reference": args.attention})
+        print(rows[-1], flush=True)
+    model.set_attention_backend(args.attention)
+    return rows
 
 
 def parity(cfg, device, dtype, args, inputs) -> dict:

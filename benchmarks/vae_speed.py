@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--variants", default="eager,cudnn_benchmark,channels_last,channels_last+cudnn_benchmark,"
                                               "compile")
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one decode of the first variant: the top operators by device time")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -57,13 +59,39 @@ def main() -> None:
             out = vae.decode(latent).float()
             decode = statistics.median(timed(lambda vae=vae: vae.decode(latent), device, args.iters))
             encode = statistics.median(timed(lambda vae=vae: vae.encode(video), device, args.iters))
+        if args.profile and reference is None:
+            profile = profile_decode(vae, latent, device)
         reference = out if reference is None else reference
         rows.append({"variant": variant, "first_decode_s": round(first, 3), "decode_s": round(decode, 4),
                      "encode_s": round(encode, 4), "max_abs_diff_vs_first": float((out - reference).abs().max())})
         print(rows[-1], flush=True)
         del vae
-    report({"device": device_name(device), "config": args.config, "latent": list(latent.shape),
-            "torch": torch.__version__, "rows": rows}, args.out)
+    result = {"device": device_name(device), "config": args.config, "latent": list(latent.shape),
+              "torch": torch.__version__, "rows": rows}
+    if args.profile:
+        result["profile"] = profile
+    report(result, args.out)
+
+
+def profile_decode(vae, latent, device, top: int = 15) -> dict:
+    """One decode under torch.profiler: total device time, kernel launches, and the top operators by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode(), profile(activities=activities) as prof:
+        vae.decode(latent)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def dev_us(e):
+        return getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) or e.self_cpu_time_total
+    rows = sorted(events, key=dev_us, reverse=True)[:top]
+    on_device = [e for e in events if "cuda" in str(e.device_type).lower()]  # kernel and copy events
+    return {"device_ms_total": round(sum(dev_us(e) for e in on_device) / 1e3, 1),
+            "device_kernels": sum(e.count for e in on_device),
+            "top": [{"op": e.key[:80], "calls": e.count, "self_device_ms": round(dev_us(e) / 1e3, 2),
+                     "cpu_ms": round(e.cpu_time_total / 1e3, 2)} for e in rows]}
 
 
 if __name__ == "__main__":

@@ -58,8 +58,10 @@ class LoadOptions:
                             choices=("disabled", "fp8", "int8", "nf4", "fp4"))
     t5_quantization: str = opt("disabled", "umT5 text encoder weights: 'fp8' stores them in fp8 e4m3 with per-row "
                                "scales (≈ half the memory of bf16)", choices=("disabled", "fp8"))
-    attention: str = opt("auto", "attention kernel",
-                         choices=("auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattn", "sageattn_3"))
+    attention: str = opt("auto", "attention kernel; 'sage8_triton' (INT8 Q·K, FP8 P·V) and 'sage8_triton_bf16pv' (INT8 "
+                         "Q·K, BF16 P·V) are our Triton 8-bit kernels, run only when requested",
+                         choices=("auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattn", "sageattn_3",
+                                  "sage8_triton", "sage8_triton_bf16pv"))
     device: str = opt("auto", "'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'")
     compile: bool = opt(False, "torch.compile each transformer block (CUDA + Triton): faster forwards after a "
                                "one-time compile (20 s to 3 min)")

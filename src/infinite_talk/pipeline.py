@@ -413,6 +413,7 @@ class InfiniteTalkPipeline:
 def load_planned_transformer(plan, options: LoadOptions, files: ModelFiles, geometry: Geometry, say, parallel=None):
     """The transformer as `plan` says: loaded, LoRAs applied, quantized, attention set, sequence-parallel (when
     `parallel` is given), compiled, placed. Returns (transformer, loras, quantization report, offload report)."""
+    from .models.compilation import compile_blocks
     from .models.offload import apply_offload
     from .models.quantize import quantize_transformer
     from .models.transformer_loading import load_transformer
@@ -437,9 +438,8 @@ def load_planned_transformer(plan, options: LoadOptions, files: ModelFiles, geom
     transformer.set_attention_backend(plan.attention_backend)
     if parallel is not None:
         parallel.attach(transformer)
-    if plan.compile:  # the 40 blocks share one code path: one compiled graph per input shape
-        for block in transformer.blocks:
-            block.compile()
+    if plan.compile:  # the 40 blocks share one compiled graph per input shape; the compile cache outlives the process
+        compile_blocks(transformer)
     if offloading:
         say(f"placing transformer weights ({plan.offload})")
     offload = apply_offload(transformer, plan.offload, device)

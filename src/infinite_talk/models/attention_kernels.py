@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import OptionError
+from .int8_attention import int8_attention
 
 
 def _module(name: str, package: str):
@@ -35,8 +36,20 @@ def sageattn3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return out.transpose(1, 2)
 
 
+def sage8_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Our Triton 8-bit attention: INT8 Q·Kᵀ (per-token scales, smoothed K), FP8 e4m3 P·V (`int8_attention.py`)."""
+    return int8_attention(q, k, v, pv="fp8")
+
+
+def sage8_triton_bf16pv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Our Triton attention with INT8 Q·Kᵀ and BF16 P·V (only the score matmul is 8-bit)."""
+    return int8_attention(q, k, v, pv="bf16")
+
+
 # planner backend name (plan.attention_backend when plan.attention_provider == "infinite_talk") -> kernel
 KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "fa3_fwd": fa3_fwd,
     "sageattn3": sageattn3,
+    "sage8_triton": sage8_triton,
+    "sage8_triton_bf16pv": sage8_triton_bf16pv,
 }

@@ -16,7 +16,11 @@ Decisions (documented here because they are product behaviour):
 - quantization=nf4 uses torchao's NF4 tensor (the QLoRA format bitsandbytes also uses), which runs on CPU and GPU, so
   it is tested here; bitsandbytes is not used (CUDA-only kernels, not testable in CI).
 - attention=auto never picks 8-bit/4-bit attention (sageattn, sageattn_3): their quality is not yet checked on the
-  golden clip (OPTIONS §2.6), so they run only when requested. Orders (fastest first, PERFORMANCE.md §3/§8):
+  golden clip (OPTIONS §2.6), so they run only when requested. Our Triton 8-bit kernels (sage8_triton: INT8 Q·K +
+  FP8 P·V; sage8_triton_bf16pv: INT8 Q·K + BF16 P·V) run only when requested too: measured on an H200 at the 480p
+  shape they are slower than FlashAttention-3 (0.72x / 0.66x) and SDPA, and their attention error against float32
+  (0.039-0.042 / 0.017-0.032) misses the 0.03 gate on peaky attention (benchmarks/results/attention_sage8_h200.json).
+  An explicit request runs where the probe's micro-test passed (GPU gate, Triton, accuracy), else is refused. Orders (fastest first, PERFORMANCE.md §3/§8):
   Hopper: flash_attn_3 (flash_attn_interface, else the fa3-fwd wheel) > sdpa-cudnn > sdpa-flash > flash_attn_2 > sdpa-efficient > sdpa-math;
   Blackwell (no FA3 there): sdpa-cudnn > sdpa-flash > flash_attn_2 > ...;
   Ampere/Ada: sdpa-flash > flash_attn_2 > sdpa-cudnn > ... (inferred: cuDNN attention is only measured on Hopper).
@@ -56,11 +60,14 @@ ATTENTION_BACKENDS: dict[str, tuple[str, str]] = {
     "fa3_fwd": ("fa3_fwd", "infinite_talk"),  # our processor around fa3_fwd_interface.flash_attn_func
     "sageattn": ("sage", "diffusers"),
     "sageattn_3": ("sageattn3", "infinite_talk"),  # our processor around sageattn3.sageattn3_blackwell
+    "sage8_triton": ("sage8_triton", "infinite_talk"),  # our Triton kernel, models/int8_attention.py
+    "sage8_triton_bf16pv": ("sage8_triton_bf16pv", "infinite_talk"),
 }
 # attention kernel id -> probe entry proving it runs
 _PROBE_KEY = {"sdpa-cudnn": "sdpa_cudnn", "sdpa-flash": "sdpa_flash", "sdpa-efficient": "sdpa_efficient",
               "sdpa-math": "sdpa_math", "flash_attn_2": "flash_attn_2", "flash_attn_3": "flash_attn_3",
-              "fa3_fwd": "fa3_fwd", "sageattn": "sageattn", "sageattn_3": "sageattn_3"}
+              "fa3_fwd": "fa3_fwd", "sageattn": "sageattn", "sageattn_3": "sageattn_3",
+              "sage8_triton": "sage8_triton", "sage8_triton_bf16pv": "sage8_triton_bf16pv"}
 
 NEEDS = {
     "flash_attn_2": "a CUDA GPU with sm >= 8.0, bf16/fp16 compute and flash-attn >= 2.6.3",
@@ -68,6 +75,8 @@ NEEDS = {
                     "hopper/, or the fa3-fwd wheel)",
     "sageattn": "a CUDA GPU with sm >= 8.0, bf16/fp16 compute and sageattention >= 2.1.1 (SageAttention2)",
     "sageattn_3": "a Blackwell GPU (sm_100/sm_120/sm_121), CUDA >= 12.8 and the sageattn3 package",
+    "sage8_triton": "a CUDA GPU with sm >= 8.9 (fp8 tensor cores), bf16/fp16 compute and Triton",
+    "sage8_triton_bf16pv": "a CUDA GPU with sm >= 8.0, bf16/fp16 compute and Triton",
     "nf4": "torchao >= 0.15 (NF4 4-bit weights)",
     "fp8": "torchao >= 0.15 (fp8 weights) and torch float8_e4m3fn",
     "fp4": "a Blackwell GPU (sm_100/sm_120/sm_121) with torchao NVFP4 kernels and model_precision bf16",
@@ -326,7 +335,9 @@ def _resolve_attention(requested: str, caps: Capabilities, device: str, precisio
                 order = [k for k in order if k.startswith("sdpa-")]
             why = f"fastest verified on {caps.gpu.sm} {precision}"
             if requested == "auto":
-                why += "; sageattn/sageattn_3 only when requested (8/4-bit quality not yet checked)"
+                why += ("; sageattn/sageattn_3 only when requested (8/4-bit quality not yet checked); sage8_triton/"
+                        "sage8_triton_bf16pv only when requested (slower than FlashAttention-3 and SDPA on an H200, "
+                        "and above the 0.03 rel-L2 attention gate on peaky attention)")
         kernel, skipped = _first_verified(order, caps, DTYPES[precision])
         if kernel is None:
             raise _refuse("attention", requested, "a working torch SDPA kernel",
@@ -360,7 +371,8 @@ def _hw_ok(requested: str, sm: tuple[int, int] | None) -> bool:
     if sm is None:
         return False
     return {"flash_attn_2": sm >= (8, 0), "flash_attn_3": sm == (9, 0), "sageattn": sm >= (8, 0),
-            "sageattn_3": sm in BLACKWELL_SMS}[requested]
+            "sageattn_3": sm in BLACKWELL_SMS, "sage8_triton": sm >= (8, 9),
+            "sage8_triton_bf16pv": sm >= (8, 0)}[requested]
 
 
 def _describe(kernel: str) -> str:
@@ -376,6 +388,10 @@ def _describe(kernel: str) -> str:
         "fa3_fwd": "FlashAttention-3 forward (fa3-fwd wheel, fa3_fwd_interface)",
         "sageattn": "SageAttention2 (int8 QK, fp8/fp16 PV)",
         "sageattn_3": "SageAttention3 (FP4 microscaling)",
+        "sage8_triton": "our Triton 8-bit attention (INT8 Q·K with per-token scales and smoothed K, FP8 e4m3 P·V; "
+                        "on an H200: 0.72x FlashAttention-3's speed, rel-L2 0.039-0.042 vs float32)",
+        "sage8_triton_bf16pv": "our Triton attention (INT8 Q·K with per-token scales and smoothed K, BF16 P·V; on an "
+                               "H200: 0.66x FlashAttention-3's speed, rel-L2 0.017-0.032 vs float32)",
     }[kernel]
     return f"{text}, {where}"
 

@@ -9,9 +9,9 @@ weights are random: the video is noise. Nothing here is used unless the user ask
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ..cache import cache_root
 from ..model_files import ModelFiles
 from ..models.configs import GEOMETRY_TINY
 
@@ -20,8 +20,7 @@ SEED = 1234
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("INFINITE_TALK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "infinite_talk")
-    return Path(root) / f"tiny-v{PRESET_VERSION}"
+    return cache_root() / f"tiny-v{PRESET_VERSION}"
 
 
 def ensure_tiny_models(folder: str | Path | None = None) -> ModelFiles:
