@@ -319,7 +319,10 @@ def trace_peak(fn, *args, **kwargs) -> tuple[int, Any]:
 
 def _trace_backend(attention_backend: str) -> str:
     """Memory twins: cuDNN makes contiguous [B,H,L,D] copies of q/k/v, math materialises the scores, the others
-    (flash, efficient, FA3, Sage, ours) write only their output."""
+    (flash, efficient, FA3, Sage) write only their output. Our 8-bit kernels (models/int8_attention.py) write 8-bit
+    copies of q, k (and v): less than cuDNN's bf16 copies, so they are planned as cuDNN (on the safe side)."""
+    if attention_backend in ("sage8_triton", "sage8_triton_bf16pv"):
+        return "_native_cudnn"
     return attention_backend if attention_backend in ("_native_cudnn", "_native_math") else "_native_flash"
 
 
