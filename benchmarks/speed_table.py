@@ -40,6 +40,15 @@ def rows() -> list[tuple[str, str, str]]:
     e = _load("dit_h200_480_compare_attention.json")
     out.append(("two speakers, extra per forward (bf16 eager)", f"+{e['two_speakers']['overhead_s']:.3f} s",
                 f"{e['matmul_tflops']:.0f}"))
+    m = _load("two_speaker_map_h200_480.json")
+    out.append(("two speakers: first-frame map per forward, fused / dense (before)",
+                f"{m['map_fused_s_per_forward']:.3f} s / {m['map_dense_s_per_forward']:.3f} s", "-"))
+    s = forward("DiT forward 480p, bf16, FA3, eager (same run as the next two rows)",
+                "dit_h200_480_compare_sage8_default.json")
+    for row in s["compare_attention"]:
+        out.append((f"DiT forward 480p, bf16, {row['attention']}, eager",
+                    f"{row['seconds_per_forward']:.3f} s (rel-L2 vs the FA3 forward {row['rel_l2_vs_reference']:.3f})",
+                    f"{s['matmul_tflops']:.0f}"))
     forward("DiT forward 720p (75,600 tokens), fp8, FA3, eager", "dit_h200_720_fa3_fp8.json")
     c = _load("chunk_h200_480_fast_fp8_fa3_compile.json")
     out.append(("fast chunk 480p (4 steps x 1 pass, fp8, compiled)",
