@@ -1,8 +1,8 @@
 """torch.compile of the transformer: one compiled block reused by all 40, and a compile cache that outlives the process.
 
-Regional compilation: every `InfiniteTalkBlock` (the class diffusers' `_repeated_blocks` names) is compiled with the
-same code, so Dynamo traces it once and the other blocks reuse that graph (their weights are graph inputs), instead
-of compiling the whole model as one graph. Inductor's caches (FX graphs, AOTAutograd, Triton kernels) live under
+Regional compilation (diffusers' `compile_repeated_blocks`): every `InfiniteTalkBlock` (the class the model's
+`_repeated_blocks` names) is compiled with the same code, so Dynamo traces it once and the other blocks reuse that
+graph (their weights are graph inputs), instead of compiling the whole model as one graph. Inductor's caches (FX graphs, AOTAutograd, Triton kernels) live under
 the project's cache directory (`cache.py`: $INFINITE_TALK_CACHE or ~/.cache/infinite_talk) unless the user set
 TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR: a second process with the same shapes and versions loads the compiled
 kernels instead of compiling them again.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch.nn as nn
+from diffusers import ModelMixin
 
 from ..cache import cache_root
 
@@ -42,14 +42,10 @@ def use_compile_cache(root: Path | None = None) -> dict[str, str]:
     return dirs
 
 
-def compile_blocks(transformer: nn.Module, cache: bool = True) -> int:
+def compile_blocks(transformer: ModelMixin, cache: bool = True) -> int:
     """Compile each repeated block of `transformer` in place (one graph shared by all); returns how many."""
     if cache:
         use_compile_cache()
-    names = set(getattr(transformer, "_repeated_blocks", ()) or ())
-    count = 0
-    for module in transformer.modules():
-        if type(module).__name__ in names:
-            module.compile()
-            count += 1
-    return count
+    transformer.compile_repeated_blocks()
+    names = set(transformer._repeated_blocks)
+    return sum(type(m).__name__ in names for m in transformer.modules())
