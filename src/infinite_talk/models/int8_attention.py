@@ -31,7 +31,6 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127.0
 LOG2E = 1.4426950408889634
 PV_MODES = ("fp8", "bf16")
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per P·V variant
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp specialization]) per P·V variant: the fastest of a sweep on an
 # H200 at the 480p shape (benchmarks/results/attention_sage8_h200.json)
 DEFAULT_CONFIG = {"fp8": (128, 128, 8, 3), "bf16": (128, 64, 8, 3)}
@@ -110,7 +109,8 @@ def _kernels():
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if PV_FP8:
                 vt = tl.load(v_ptr + (bh * HEAD_DIM + dims[:, None]) * k_pad + keys[None, :])
-                block = tl.dot((p * 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne"), tl.trans(vt))  # this block's product, fp32
+                p8 = (p * 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+                block = tl.dot(p8, tl.trans(vt))  # this block's product alone, in fp32
             else:
                 v = tl.load(v_ptr + b * sv_b + h * sv_h + keys[:, None] * sv_l + dims[None, :],
                             mask=(keys < k_len)[:, None], other=0.0)
