@@ -107,6 +107,10 @@ class StorageUnavailable(InfiniteTalkError):
 
     status = 503
 
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message  # the fault itself, without the advice
+
 
 def storage_fault(err: BaseException | None) -> str | None:
     """Why `err` (or an error it was raised from) is a storage fault that may pass, in words without paths; None
@@ -115,7 +119,7 @@ def storage_fault(err: BaseException | None) -> str | None:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, StorageUnavailable):
-            return str(err)
+            return err.reason
         if isinstance(err, sqlite3.Error):
             code = getattr(err, "sqlite_errorcode", None)
             if code is not None and code & 0xFF in TRANSIENT_SQLITE:
@@ -301,7 +305,7 @@ class JobStore:
                     raise
                 if time.monotonic() + delay > deadline:
                     raise StorageUnavailable(f"the job database cannot be written now: {why}; try again in a few "
-                                             "seconds") from None
+                                             "seconds", why) from None
                 log.warning("job database: %s; retrying in %.2f s", why, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -322,25 +326,28 @@ class JobStore:
                 except (sqlite3.Error, OSError) as err:
                     with self._readers_lock:
                         self._reader_count -= 1
-                    raise StorageUnavailable(f"the job database cannot be read now: {storage_fault(err) or err}; "
-                                             "try again in a few seconds") from None
+                    why = storage_fault(err) or str(err)
+                    raise StorageUnavailable(f"the job database cannot be read now: {why}; try again in a few "
+                                             "seconds", why) from None
             else:
                 db = self._readers.get()
+        broken = None
         try:
             yield db
         except (sqlite3.Error, OSError) as err:
-            why = storage_fault(err)
-            if why is None:
-                self._readers.put(db)
+            broken = storage_fault(err)
+            if broken is None:
                 raise
-            with contextlib.suppress(sqlite3.Error):
-                db.close()
-            with self._readers_lock:
-                self._reader_count -= 1
-            raise StorageUnavailable(f"the job database cannot be read now: {why}; try again in a few seconds") \
-                from None
-        else:
-            self._readers.put(db)
+            raise StorageUnavailable(f"the job database cannot be read now: {broken}; try again in a few seconds",
+                                     broken) from None
+        finally:
+            if broken is None:
+                self._readers.put(db)  # back to the pool, whatever the caller raised
+            else:  # a fresh connection next time
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+                with self._readers_lock:
+                    self._reader_count -= 1
 
     def close(self) -> None:
         with self._write_lock:
@@ -426,7 +433,8 @@ class JobStore:
             discard(folder)
             why = storage_fault(err)
             if why is not None and not isinstance(err, StorageUnavailable):
-                raise StorageUnavailable(f"the job's files cannot be stored now: {why}; try again later") from None
+                raise StorageUnavailable(f"the job's files cannot be stored now: {why}; try again later", why) \
+                    from None
             raise
         finally:
             if marker is not None:

@@ -216,7 +216,8 @@ class Worker(threading.Thread):
                           patience_s=0)
         log.info("%s: job %s %s", self.name, job.id,
                  f"resumes at chunk {resume.next_chunk + 1}/{resume.num_chunks}" if resume else "starts")
-        last = {"t": 0.0, "chunk": None, "cancel_t": 0.0, "cancel": False}
+        last = {"t": 0.0, "chunk": None, "cancel_t": 0.0, "cancel": False,
+                "chunks_done": resume.next_chunk if resume else 0}
         self._skip_writes_until = 0.0
 
         def progress(info: dict) -> None:
@@ -242,6 +243,7 @@ class Worker(threading.Thread):
         def on_checkpoint(state, frames) -> None:
             checkpoint.save(state, frames)
             self.retries = 0  # storage works again: the next fault's backoff starts over
+            last["chunks_done"] = state.next_chunk
             digest.update(np.ascontiguousarray(frames).tobytes())
             self._best_effort(lambda: self.store.update(job.id, chunks_done=state.next_chunk, seed=state.seed,
                                                         patience_s=0))
@@ -263,7 +265,7 @@ class Worker(threading.Thread):
             done = self._write_until_done(
                 f"job {job.id} completed", lambda patience: self.store.finish(
                     job.id, "completed", patience, frames=result.frames, seed=result.seed, error=None,
-                    frames_sha256=digest.hexdigest()))
+                    chunks_done=last["chunks_done"], frames_sha256=digest.hexdigest()))
             if done:
                 checkpoint.clear()
                 log.info("%s: job %s completed (%d frames)", self.name, job.id, result.frames)
