@@ -35,6 +35,7 @@ DEFAULT_MAX_CONNECTIONS = 512
 FILES_RESERVED = 96  # descriptors kept for the process itself (models, database, checkpoints, encoder)
 FILES_PER_WORKER = 16
 FILES_PER_CONNECTION = 2  # its socket and, for an upload, the spooled file
+ACCEPT_BURST = 32  # listen backlog, which is also how many connections asyncio accepts before the cap sees them
 
 
 def add_cli(subparsers) -> None:
@@ -94,19 +95,20 @@ def connection_limit(requested: int | None, workers: int) -> tuple[int, int]:
             soft = target
         except (ValueError, OSError):
             pass
-    budget = (10**6 if soft == resource.RLIM_INFINITY else soft) - FILES_RESERVED - FILES_PER_WORKER * workers
+    budget = ((10**6 if soft == resource.RLIM_INFINITY else soft) - FILES_RESERVED - FILES_PER_WORKER * workers
+              - ACCEPT_BURST)
     fits = budget // FILES_PER_CONNECTION
     if requested is not None:
         if requested < 1:
             raise OptionError(f"--max-connections must be at least 1, got {requested}")
         if requested > fits:
-            needed = requested * FILES_PER_CONNECTION + FILES_RESERVED + FILES_PER_WORKER * workers
+            needed = requested * FILES_PER_CONNECTION + FILES_RESERVED + FILES_PER_WORKER * workers + ACCEPT_BURST
             raise OptionError(f"--max-connections {requested} needs about {needed} open files; this process may "
                               f"open {soft} (ulimit -n): raise that limit or ask for at most {max(fits, 0)}")
         return requested, soft
     if fits < 8:
         raise OptionError(f"the open-file limit is {soft} (ulimit -n): too low to serve; raise it to at least "
-                          f"{FILES_RESERVED + FILES_PER_WORKER * workers + 8 * FILES_PER_CONNECTION}")
+                          f"{FILES_RESERVED + FILES_PER_WORKER * workers + ACCEPT_BURST + 8 * FILES_PER_CONNECTION}")
     return min(DEFAULT_MAX_CONNECTIONS, fits), soft
 
 
@@ -121,7 +123,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may follow its predecessor at once
         sock.bind(address)
-        sock.listen(2048)
+        sock.listen(ACCEPT_BURST)
     except OSError as err:
         sock.close()
         raise OptionError(f"cannot listen on {host}:{port}: {err.strerror}; another program uses this port (or "
@@ -249,7 +251,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         protocol = bounded_protocol(ConnectionLimits(max_connections, ns.idle_timeout))
         server = uvicorn.Server(uvicorn.Config(
             create_app(store, token, workers, body_timeout_s=ns.body_timeout), host=ns.host, port=ns.port,
-            log_level="info", http=protocol, limit_concurrency=max_connections + 1,
+            log_level="info", http=protocol, limit_concurrency=max_connections + 1, backlog=ACCEPT_BURST,
             timeout_keep_alive=max(1, round(ns.idle_timeout)), timeout_graceful_shutdown=ns.shutdown_timeout))
         for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn handles them while serving, then raises them again
             signal.signal(sig, lambda signum, frame: setattr(server, "should_exit", True))
