@@ -293,3 +293,24 @@ def test_read_only_data_folder_then_writable(service_factory, undisturbed, tmp_p
     assert job["frames_sha256"] == undisturbed["frames_sha256"]
     assert injected.raised >= 3
     assert service.client.get("/health").json()["workers"][0]["state"] == "idle"
+
+
+def test_a_job_its_worker_lost_to_a_fault_goes_back_to_the_queue(service_factory, undisturbed, tmp_path,
+                                                                 monkeypatch):
+    """A fault around the job's run (its first row write) gives the job back; it runs again, not 'running' forever."""
+    service = service_factory(tmp_path / "data")
+    update, failures = JobStore.update, []
+
+    def failing_update(self, job_id, patience_s=None, **fields):
+        if "plan" in fields and len(failures) < 2:
+            failures.append(job_id)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return update(self, job_id, patience_s, **fields)
+
+    monkeypatch.setattr(JobStore, "update", failing_update)
+    job_id = service.submit()
+    service.start()
+    job = service.finished(job_id)
+    assert failures == [job_id, job_id]
+    assert job["state"] == "completed" and job["runs"] == 3 and job["error"] is None, job
+    assert job["frames_sha256"] == undisturbed["frames_sha256"]

@@ -13,10 +13,14 @@ import asyncio
 import json
 import logging
 import secrets
+import sqlite3
 import time
+import weakref
 from pathlib import Path
 from typing import Literal
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, FastAPI, File, Form, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -35,6 +39,7 @@ FORM_OVERHEAD = 2**20  # multipart headers and the options field, on top of the 
 BODY_TIMEOUT_S = 30.0  # longest pause inside a request body
 MIN_BODY_RATE = 10 * 2**10  # bytes per second, on average, once a body has taken longer than the pause limit
 RETRY_AFTER_S = 5
+READ_THREADS = 8
 STATES = Literal["queued", "running", "completed", "failed", "cancelled"]
 
 
@@ -214,6 +219,8 @@ def create_app(store: JobStore, token: str | None = None, workers: list | None =
     async def _http(request, err: StarletteHTTPException):
         return _error(err.status_code, str(err.detail), getattr(err, "headers", None))
 
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
     @app.exception_handler(Exception)
     async def _internal(request, err: Exception):
         why = storage_fault(err)
@@ -246,33 +253,47 @@ def create_app(store: JobStore, token: str | None = None, workers: list | None =
         return JSONResponse(view(job), status_code=201,
                             headers={"Location": f"/jobs/{job.id}"})
 
+    # Reads run on threads of their own: requests that wait to write (a database locked by another process) can
+    # take every thread of the shared pool, and a read must still answer.
+    readers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one limiter per event loop
+
+    def read(fn, *args):
+        loop = asyncio.get_running_loop()
+        if loop not in readers:
+            readers[loop] = anyio.CapacityLimiter(READ_THREADS)
+        return anyio.to_thread.run_sync(fn, *args, limiter=readers[loop])
+
     @app.get("/jobs", response_model=JobList, responses=ERRORS, dependencies=dependencies, summary="list jobs")
-    def list_jobs(state: STATES | None = None, limit: int = Query(100, ge=1, le=1000),
-                  cursor: str | None = Query(None, pattern=r"^[0-9]{1,18}$", description="`next_cursor` of the "
-                                             "previous page; the first page without it")):
-        jobs = store.list(state, limit + 1, int(cursor or 0))
-        more = len(jobs) > limit
-        jobs = jobs[:limit]
-        return {"jobs": [view(job) for job in jobs],
-                "next_cursor": str(jobs[-1].seq) if more else None}
+    async def list_jobs(state: STATES | None = None, limit: int = Query(100, ge=1, le=1000),
+                        cursor: str | None = Query(None, pattern=r"^[0-9]{1,18}$", description="`next_cursor` of "
+                                                   "the previous page; the first page without it")):
+        def page() -> dict:
+            jobs = store.list(state, limit + 1, int(cursor or 0))
+            more = len(jobs) > limit
+            jobs = jobs[:limit]
+            return {"jobs": [view(job) for job in jobs], "next_cursor": str(jobs[-1].seq) if more else None}
+
+        return await read(page)
 
     @app.get("/jobs/{job_id}", response_model=JobView, responses=ERRORS, dependencies=dependencies,
              summary="a job's status: state, chunk i/n, step, ETA, effective plan")
-    def status(job_id: str):
-        job = store.get(job_id)
-        return view(job)
+    async def status(job_id: str):
+        return await read(lambda: view(store.get(job_id)))
 
     @app.get("/jobs/{job_id}/video", response_class=FileResponse, responses=ERRORS, dependencies=dependencies,
              summary="the mp4 (also the finished frames of a cancelled or failed job)")
-    def video(job_id: str):
-        job, path = _output(store, job_id, VIDEO_NAME)
+    async def video(job_id: str):
+        job, path = await read(_output, store, job_id, VIDEO_NAME)
         return FileResponse(path, media_type="video/mp4", filename=f"infinite-talk-{job.id}.mp4")
 
     @app.get("/jobs/{job_id}/sidecar", responses=ERRORS, dependencies=dependencies,
              summary="the JSON sidecar: requested vs effective options, seed, timings, versions")
-    def sidecar(job_id: str) -> dict:
-        job, path = _output(store, job_id, SIDECAR_NAME)
-        return public_sidecar(path.read_text(), job, store.folder(job_id))
+    async def sidecar(job_id: str) -> dict:
+        def load() -> dict:
+            job, path = _output(store, job_id, SIDECAR_NAME)
+            return public_sidecar(path.read_text(), job, store.folder(job_id))
+
+        return await read(load)
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobView, responses=ERRORS, dependencies=dependencies,
               summary="cancel: a queued job at once, a running one at its next step (finished chunks are kept)")

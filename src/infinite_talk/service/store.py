@@ -140,7 +140,11 @@ def discard(path: Path) -> None:
         except FileNotFoundError:
             return
         path = doomed
-    shutil.rmtree(path, ignore_errors=True)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def without_paths(text: str, root: Path) -> str:
@@ -306,7 +310,8 @@ class JobStore:
                 if time.monotonic() + delay > deadline:
                     raise StorageUnavailable(f"the job database cannot be written now: {why}; try again in a few "
                                              "seconds", why) from None
-                log.warning("job database: %s; retrying in %.2f s", why, delay)
+                if delay == 0.05:
+                    log.warning("job database: %s; retrying for up to %.0f s", why, deadline - time.monotonic())
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 

@@ -79,6 +79,7 @@ class Worker(threading.Thread):
         self.retries = 0
         self.next_retry_at: float | None = None
         self._skip_writes_until = 0.0  # best-effort rows are skipped until then, after one failed
+        self.progress_error: str | None = None  # why the running job's progress is not being recorded
 
     @property
     def status(self) -> dict:
@@ -95,6 +96,8 @@ class Worker(threading.Thread):
         if self.storage_error:
             wait = max(0.0, (self.next_retry_at or time.monotonic()) - time.monotonic())
             out.update(error=self.storage_error, retries=self.retries, next_retry_s=round(wait, 1))
+        elif self.progress_error and self.current:
+            out["warning"] = f"progress not recorded: {self.progress_error}"
         if self.broken:
             out["error"] = self.broken
         return out
@@ -193,10 +196,12 @@ class Worker(threading.Thread):
             return
         try:
             action()
+            self.progress_error = None
         except Exception as err:
             why = storage_fault(err)
             if why is None:
                 raise
+            self.progress_error = why
             self._skip_writes_until = now + self.retry_max_s
             log.warning("%s: progress not recorded: %s; the job continues, the next try in %.0f s", self.name,
                         why, self.retry_max_s)
@@ -216,6 +221,7 @@ class Worker(threading.Thread):
                           patience_s=0)
         log.info("%s: job %s %s", self.name, job.id,
                  f"resumes at chunk {resume.next_chunk + 1}/{resume.num_chunks}" if resume else "starts")
+        self.progress_error = None
         last = {"t": 0.0, "chunk": None, "cancel_t": 0.0, "cancel": False,
                 "chunks_done": resume.next_chunk if resume else 0}
         self._skip_writes_until = 0.0
