@@ -9,6 +9,9 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -127,10 +130,18 @@ def test_api_errors_never_show_server_paths(store, short_wav, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError(f"cannot read {store.jobs_dir / 'abc' / 'reference.png'} nor {store.root}")
 
+    def spooled(*args, **kwargs):
+        raise ValueError(f"spool file {tempfile.gettempdir()}/tmpab12cd/part is damaged; see {Path.home()}")
+
     monkeypatch.setattr(store, "get", broken)
     crash = client.get("/jobs/AAAAAAAAAAAAAAAAAAAAAA")
     assert crash.status_code == 500, crash.text
-    assert crash.json()["error"] == "internal error: RuntimeError: cannot read reference.png nor the data folder"
+    assert crash.json()["error"] == "internal error: RuntimeError: cannot read reference.png nor a server folder"
+    monkeypatch.undo()
+    monkeypatch.setattr(store, "list", spooled)
+    listed = client.get("/jobs")
+    assert listed.status_code == 500
+    assert listed.json()["error"] == "internal error: ValueError: spool file part is damaged; see a server folder"
     monkeypatch.undo()
 
     job = store.submit(EXAMPLES / "portrait.png", short_wav)
@@ -256,3 +267,43 @@ def test_refusals_return_their_read_connections(tmp_path, short_wav):
         with pytest.raises(store_module.NotFound):
             store.get("AAAAAAAAAAAAAAAAAAAAAA")
     assert len(store.list()) == 1 and store._readers.qsize() <= store_module.READERS
+
+
+LOCKER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+db.execute("UPDATE jobs SET seq = seq")
+print("held", flush=True)
+sys.stdin.readline()
+db.execute("COMMIT")
+"""
+
+
+def test_reads_never_wait_for_a_writer_that_waits_for_the_lock(tmp_path, short_wav):
+    """Another process holds the write lock; a writer of this process waits for it (busy timeout 60 s) while reads
+    of every kind answer; then the lock goes and the write lands."""
+
+
+    store = JobStore(tmp_path / "data", busy_timeout_s=60)
+    job = store.submit(EXAMPLES / "portrait.png", short_wav)
+    client = TestClient(create_app(store, None), base_url="http://127.0.0.1:8000")
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(store.root / "jobs.sqlite3")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline().strip() == "held"
+        writer = threading.Thread(target=store.cancel, args=(job.id,))
+        writer.start()
+        while not store._write_lock.locked():  # the writer is inside its transaction attempt, waiting
+            time.sleep(0.01)
+        t = time.monotonic()
+        answers = [client.get(f"/jobs/{job.id}"), client.get("/jobs"), client.get("/health")]
+        waited = time.monotonic() - t
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        assert answers[0].json()["state"] == "queued" and store.get(job.id).state == "queued"
+        assert writer.is_alive() and locker.poll() is None  # all answered while the writer still waits
+        print(f"\n3 reads answered in {waited * 1000:.0f} ms while a writer waited for another process' lock")
+    finally:
+        locker.communicate("\n", timeout=60)
+    writer.join(60)
+    assert store.get(job.id).state == "cancelled"

@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 import sqlite3
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -192,8 +193,10 @@ def create_app(store: JobStore, token: str | None = None, workers: list | None =
     app.add_middleware(Guard, token=token, max_body=store.limits.max_upload_bytes + FORM_OVERHEAD,
                        body_timeout_s=body_timeout_s)
 
+    hidden = (store.root, tempfile.gettempdir(), Path.home(), Path.cwd())
+
     def public(text: str) -> str:
-        return without_paths(text, store.root)
+        return without_paths(text, *hidden)
 
     def view(job: Job) -> dict:
         out = job.view(store.queue_position(job))

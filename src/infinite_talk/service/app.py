@@ -36,6 +36,7 @@ FILES_RESERVED = 96  # descriptors kept for the process itself (models, database
 FILES_PER_WORKER = 16
 FILES_PER_CONNECTION = 2  # its socket and, for an upload, the spooled file
 ACCEPT_BURST = 32  # listen backlog, which is also how many connections asyncio accepts before the cap sees them
+MAX_HEADER_BYTES = 16 * 2**10  # a request line and headers larger than this are answered 400 (h11)
 
 
 def add_cli(subparsers) -> None:
@@ -252,6 +253,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         server = uvicorn.Server(uvicorn.Config(
             create_app(store, token, workers, body_timeout_s=ns.body_timeout), host=ns.host, port=ns.port,
             log_level="info", http=protocol, limit_concurrency=max_connections + 1, backlog=ACCEPT_BURST,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
             timeout_keep_alive=max(1, round(ns.idle_timeout)), timeout_graceful_shutdown=ns.shutdown_timeout))
         for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn handles them while serving, then raises them again
             signal.signal(sig, lambda signum, frame: setattr(server, "should_exit", True))

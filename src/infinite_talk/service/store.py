@@ -147,13 +147,16 @@ def discard(path: Path) -> None:
             path.unlink()
 
 
-def without_paths(text: str, root: Path) -> str:
-    """`text` with every path under `root` (the data folder) cut to its base name, and `root` itself unnamed."""
+def without_paths(text: str, *roots: Path | str) -> str:
+    """`text` with every path under one of `roots` (the data folder, the temporary folder...) cut to its base name,
+    and a root itself unnamed."""
     def short(match: re.Match) -> str:
         rest = (match.group(1) or "").rstrip("/")
-        return rest.rsplit("/", 1)[-1] if rest else "the data folder"
+        return rest.rsplit("/", 1)[-1] if rest else "a server folder"
 
-    return re.sub(re.escape(str(root).rstrip("/")) + r"(/[^\s'\",;()\]]*)?", short, text)
+    for root in sorted({str(r).rstrip("/") for r in roots} - {""}, key=len, reverse=True):
+        text = re.sub(re.escape(root) + r"(/[^\s'\",;()\]]*)?(?![\w.-])", short, text)
+    return text
 
 
 def _private(path: Path, mode: int) -> None:
