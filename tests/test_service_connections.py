@@ -226,3 +226,69 @@ def test_a_busy_port_stops_serve_before_it_takes_a_job(tmp_path, cache):
     assert "Traceback" not in log
     after = JobStore(tmp_path / "data").get(job.id)
     assert after.state == "queued" and after.runs == 0
+
+
+def test_the_protocol_closes_idle_evicts_at_the_cap_and_drops_clients_that_stop_reading():
+    """The connection rules on uvicorn's protocol, without sockets: an idle connection is evicted at the cap before one
+    with a request in progress; a client that reads nothing of its response is disconnected after the write
+    timeout; a request in progress is never closed for idleness."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from infinite_talk.service.connections import ConnectionLimits, bounded_protocol
+
+    class Transport(asyncio.Transport):
+        def __init__(self):
+            super().__init__()
+            self.closed, self.sent = False, b""
+
+        def get_extra_info(self, name, default=None):
+            return default
+
+        def is_closing(self):
+            return self.closed
+
+        def close(self):
+            self.closed = True
+
+        def write(self, data):
+            self.sent += data
+
+    async def endless(scope, receive, send):  # a response that never ends
+        await asyncio.Event().wait()
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        protocol = bounded_protocol(ConnectionLimits(max_connections=3, idle_timeout_s=0.3, write_timeout_s=0.3))
+        config, state = uvicorn.Config(endless, log_level="warning"), ServerState()
+
+        def connect(request: bytes | None = None):
+            conn, transport = protocol(config=config, server_state=state, app_state={}, _loop=loop), Transport()
+            conn.connection_made(transport)
+            if request:
+                conn.data_received(request)
+            return conn, transport
+
+        get = b"GET /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        reading, t_reading = connect(get)
+        stuck, t_stuck = connect(get)
+        idle, t_idle = connect()
+        await asyncio.sleep(0)
+        newest, t_newest = connect()  # over the cap: the idle one goes, not those with a request in progress
+        assert t_idle.closed and not (t_reading.closed or t_stuck.closed or t_newest.closed)
+        stuck.pause_writing()  # its client reads nothing: the transport's buffer stays full
+        await asyncio.sleep(0.6)
+        assert t_stuck.closed and not t_reading.closed  # a request in progress is not idle
+        assert t_newest.closed  # it never sent a request
+        full, t_full = connect(get)
+        also, t_also = connect(get)
+        await asyncio.sleep(0)
+        refused, t_refused = connect()  # every connection has a request in progress: 503, closed
+        assert t_refused.closed and t_refused.sent.startswith(b"HTTP/1.1 503 Service Unavailable")
+        assert not (t_full.closed or t_also.closed or t_reading.closed)
+        for task in list(state.tasks):
+            task.cancel()
+
+    asyncio.run(scenario())

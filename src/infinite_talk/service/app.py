@@ -60,7 +60,8 @@ def add_cli(subparsers) -> None:
                         "without a request in progress (before its first request, between requests, or while its "
                         "headers arrive) (default: 10)")
     parser.add_argument("--body-timeout", type=float, default=30.0, help="longest pause inside a request body, in "
-                        "seconds; a body slower than 10 KiB/s on average past it is refused too (default: 30)")
+                        "seconds; a body slower than 10 KiB/s on average past it is refused too; a client that "
+                        "reads nothing of its response for as long is disconnected (default: 30)")
     parser.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds SIGTERM waits for requests "
                         "in flight (uploads) before closing them (default: 10)")
     _add_schema(parser, LoadOptions)
@@ -249,7 +250,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                   "leftover checkpoint(s) of finished jobs", file=sys.stderr, flush=True)
         workers = [Worker(store, pipe, f"worker-{i}", stop, on_broken=lambda: setattr(server, "should_exit", True))
                    for i, pipe in enumerate(pipes)]
-        protocol = bounded_protocol(ConnectionLimits(max_connections, ns.idle_timeout))
+        protocol = bounded_protocol(ConnectionLimits(max_connections, ns.idle_timeout, ns.body_timeout))
         server = uvicorn.Server(uvicorn.Config(
             create_app(store, token, workers, body_timeout_s=ns.body_timeout), host=ns.host, port=ns.port,
             log_level="info", http=protocol, limit_concurrency=max_connections + 1, backlog=ACCEPT_BURST,

@@ -7,7 +7,9 @@ that sends its request line slowly; each holds a file descriptor, and enough of 
 - an idle deadline: a connection that has no request in progress (new, between requests, or still sending its
   headers) is closed `idle_timeout_s` after it opened or after its last response;
 - a cap: at most `max_connections` are open; a new one closes the longest-waiting idle connection, or, when every
-  connection has a request in progress, is answered 503 and closed.
+  connection has a request in progress, is answered 503 and closed;
+- a write deadline: a client that stops reading its response (the transport's buffer stays full) is disconnected
+  after `write_timeout_s`.
 
 Stalled request bodies are timed in the ASGI guard (api.py), which can answer them with a 408.
 """
@@ -32,6 +34,7 @@ BUSY_BODY = b'{"error": "the server has as many connections open as it allows, e
 class ConnectionLimits:
     max_connections: int
     idle_timeout_s: float
+    write_timeout_s: float
 
 
 @dataclass
@@ -39,6 +42,7 @@ class _Counts:
     evicted: int = 0
     refused: int = 0
     timed_out: int = 0
+    stalled: int = 0
     since: float = 0.0
 
 
@@ -48,17 +52,19 @@ def bounded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
 
     def report() -> None:
         now = time.monotonic()
-        if now - counts.since >= REPORT_EVERY_S and (counts.evicted or counts.refused or counts.timed_out):
+        if now - counts.since >= REPORT_EVERY_S and (counts.evicted or counts.refused or counts.timed_out
+                                                     or counts.stalled):
             log.warning("connections: %d idle closed at the limit of %d, %d refused (all busy), %d closed after "
-                        "%.0f s without a request, in the last %.0f s", counts.evicted, limits.max_connections,
-                        counts.refused, counts.timed_out, limits.idle_timeout_s, now - counts.since)
-            counts.evicted = counts.refused = counts.timed_out = 0
+                        "%.0f s without a request, %d closed after %.0f s without reading their response, in the "
+                        "last %.0f s", counts.evicted, limits.max_connections, counts.refused, counts.timed_out,
+                        limits.idle_timeout_s, counts.stalled, limits.write_timeout_s, now - counts.since)
+            counts.evicted = counts.refused = counts.timed_out = counts.stalled = 0
             counts.since = now
 
     class BoundedH11Protocol(H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._idle_timer = None
+            self._idle_timer = self._write_timer = None
             self._waiting_since = time.monotonic()
             self._arm_idle()
             others = [c for c in self.connections if c is not self and isinstance(c, BoundedH11Protocol)
@@ -109,8 +115,29 @@ def bounded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
                 self._waiting_since = time.monotonic()
                 self._arm_idle()
 
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._write_timer is None:
+                self._write_timer = self.loop.call_later(limits.write_timeout_s, self._write_expired)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _write_expired(self) -> None:
+            self._write_timer = None
+            if not self.transport.is_closing():  # the response's sender sees a disconnected client
+                self._close()
+                counts.stalled += 1
+                report()
+
         def connection_lost(self, exc) -> None:
             self._disarm_idle()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
             super().connection_lost(exc)
 
     return BoundedH11Protocol
