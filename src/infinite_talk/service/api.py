@@ -235,7 +235,7 @@ def create_app(store: JobStore, token: str | None = None, workers: list | None =
         return _error(500, public(f"internal error: {type(err).__name__}: {err}"))
 
     @app.get("/health", summary="liveness and what each worker does (no token needed)")
-    def health() -> dict:
+    async def health() -> dict:  # in the event loop: it answers even when every pool thread waits
         states = [w.status if hasattr(w, "status") else {"name": w.name, "busy": w.current is not None}
                   for w in workers]
         degraded = [s for s in states if s.get("state") not in (None, "idle", "running a job")]
