@@ -4,9 +4,11 @@ Every state change is one transaction (`BEGIN IMMEDIATE`), so a killed server le
 a change, never between. Writes go through one connection (one writer at a time, as SQLite allows); reads use a
 small pool of their own connections and, in WAL mode, never wait for a writer, nor for another process' lock.
 Storage faults (a database locked by another process, a full disk, a read-only folder, I/O errors) are
-`StorageUnavailable` (HTTP 503) after a bounded retry; `storage_fault` tells them from other errors. Job ids are `secrets.token_urlsafe(16)` (128 random bits); a job's files live in
-`jobs/<id>/` under names the server chooses. `JobStore.submit` is the one way in, for the HTTP API and for any
-in-process front end (the web UI): it copies and validates the inputs and plans the job before it is queued.
+`StorageUnavailable` (HTTP 503) after a bounded retry; `storage_fault` tells them from other errors. Job ids are
+`secrets.token_urlsafe(16)` (128 random bits); a job's files live in `jobs/<id>/` (0700, files 0600) under names the
+server chooses. `JobStore.submit` is the one way in, for the HTTP API and for any in-process front end (the web UI):
+it copies and validates the inputs and plans the job before it is queued, holding a lock on the new folder until its
+row is written, so that a start can tell a dead submission's folder from a live one (`recover_at_start`).
 """
 
 from __future__ import annotations
