@@ -253,7 +253,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         protocol = bounded_protocol(ConnectionLimits(max_connections, ns.idle_timeout, ns.body_timeout))
         server = uvicorn.Server(uvicorn.Config(
             create_app(store, token, workers, body_timeout_s=ns.body_timeout), host=ns.host, port=ns.port,
-            log_level="info", http=protocol, limit_concurrency=max_connections + 1, backlog=ACCEPT_BURST,
+            # uvicorn's own limit (plain-text 503) counts connections still closing too: only a backstop here
+            log_level="info", http=protocol, limit_concurrency=max_connections + ACCEPT_BURST, backlog=ACCEPT_BURST,
             h11_max_incomplete_event_size=MAX_HEADER_BYTES,
             timeout_keep_alive=max(1, round(ns.idle_timeout)), timeout_graceful_shutdown=ns.shutdown_timeout))
         for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn handles them while serving, then raises them again
