@@ -180,6 +180,10 @@ def test_hundreds_of_idle_stalled_and_trickling_sockets(server):
         time.sleep(0.2)
         done = httpx.get(f"{url}/jobs/{job['id']}", timeout=30).json()
     assert done["state"] == "completed" and done["frames"] == 75 and done["runs"] == 1, done
+    summary = re.compile(r"connections: (\d+) idle closed at the limit of \d+, (\d+) refused \(all busy\)")
+    while not summary.search(server["log"].read_text()):  # one summary line, not one line per connection
+        assert time.monotonic() < deadline + WAIT_S
+        time.sleep(0.5)
     log = server["log"].read_text()
     assert "Too many open files" not in log and "Traceback" not in log
     limit = int(re.search(r"at most (\d+) connections \(open-file limit 256\)", log).group(1))
@@ -240,9 +244,11 @@ def test_the_protocol_closes_idle_evicts_at_the_cap_and_drops_clients_that_stop_
     from infinite_talk.service.connections import ConnectionLimits, bounded_protocol
 
     class Transport(asyncio.Transport):
+        """Enough of asyncio's socket transport: closing it tells the protocol, in the next loop turn."""
+
         def __init__(self):
             super().__init__()
-            self.closed, self.sent = False, b""
+            self.closed, self.sent, self.protocol = False, b"", None
 
         def get_extra_info(self, name, default=None):
             return default
@@ -251,21 +257,28 @@ def test_the_protocol_closes_idle_evicts_at_the_cap_and_drops_clients_that_stop_
             return self.closed
 
         def close(self):
-            self.closed = True
+            if not self.closed:
+                self.closed = True
+                asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
 
         def write(self, data):
             self.sent += data
 
-    async def endless(scope, receive, send):  # a response that never ends
-        await asyncio.Event().wait()
-
     async def scenario():
         loop = asyncio.get_running_loop()
+        release = asyncio.Event()
+
+        async def endless(scope, receive, send):  # a response that does not come until the test ends
+            await release.wait()
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
         protocol = bounded_protocol(ConnectionLimits(max_connections=3, idle_timeout_s=0.3, write_timeout_s=0.3))
         config, state = uvicorn.Config(endless, log_level="warning"), ServerState()
 
         def connect(request: bytes | None = None):
             conn, transport = protocol(config=config, server_state=state, app_state={}, _loop=loop), Transport()
+            transport.protocol = conn
             conn.connection_made(transport)
             if request:
                 conn.data_received(request)
@@ -288,7 +301,7 @@ def test_the_protocol_closes_idle_evicts_at_the_cap_and_drops_clients_that_stop_
         refused, t_refused = connect()  # every connection has a request in progress: 503, closed
         assert t_refused.closed and t_refused.sent.startswith(b"HTTP/1.1 503 Service Unavailable")
         assert not (t_full.closed or t_also.closed or t_reading.closed)
-        for task in list(state.tasks):
-            task.cancel()
+        release.set()
+        await asyncio.gather(*state.tasks)
 
     asyncio.run(scenario())

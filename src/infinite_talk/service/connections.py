@@ -49,17 +49,23 @@ class _Counts:
 def bounded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
     """uvicorn's h11 protocol with the idle deadline and the connection cap (pass it as `Config(http=...)`)."""
     counts = _Counts(since=time.monotonic())
+    pending: list = []  # the scheduled summary, if any
 
-    def report() -> None:
-        now = time.monotonic()
-        if now - counts.since >= REPORT_EVERY_S and (counts.evicted or counts.refused or counts.timed_out
-                                                     or counts.stalled):
+    def flush() -> None:
+        pending.clear()
+        if counts.evicted or counts.refused or counts.timed_out or counts.stalled:
             log.warning("connections: %d idle closed at the limit of %d, %d refused (all busy), %d closed after "
                         "%.0f s without a request, %d closed after %.0f s without reading their response, in the "
                         "last %.0f s", counts.evicted, limits.max_connections, counts.refused, counts.timed_out,
-                        limits.idle_timeout_s, counts.stalled, limits.write_timeout_s, now - counts.since)
-            counts.evicted = counts.refused = counts.timed_out = counts.stalled = 0
-            counts.since = now
+                        limits.idle_timeout_s, counts.stalled, limits.write_timeout_s,
+                        time.monotonic() - counts.since)
+        counts.evicted = counts.refused = counts.timed_out = counts.stalled = 0
+        counts.since = time.monotonic()
+
+    def report(loop) -> None:
+        """One summary line per REPORT_EVERY_S while connections are being closed, none while all is calm."""
+        if not pending:
+            pending.append(loop.call_later(REPORT_EVERY_S, flush))
 
     class BoundedH11Protocol(H11Protocol):
         def connection_made(self, transport) -> None:
@@ -78,7 +84,7 @@ def bounded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
                     transport.write(BUSY % (len(BUSY_BODY), BUSY_BODY))
                     self._close()
                     counts.refused += 1
-                report()
+                report(self.loop)
 
         def _in_request(self) -> bool:
             return self.cycle is not None and not self.cycle.response_complete
@@ -97,7 +103,7 @@ def bounded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
             if not self._in_request() and not self.transport.is_closing():
                 self._close()
                 counts.timed_out += 1
-                report()
+                report(self.loop)
 
         def _close(self) -> None:
             self._disarm_idle()
@@ -131,7 +137,7 @@ def bounded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
             if not self.transport.is_closing():  # the response's sender sees a disconnected client
                 self._close()
                 counts.stalled += 1
-                report()
+                report(self.loop)
 
         def connection_lost(self, exc) -> None:
             self._disarm_idle()
