@@ -156,7 +156,8 @@ def without_paths(text: str, *roots: Path | str) -> str:
         rest = (match.group(1) or "").rstrip("/")
         return rest.rsplit("/", 1)[-1] if rest else "a server folder"
 
-    for root in sorted({str(r).rstrip("/") for r in roots} - {""}, key=len, reverse=True):
+    for root in sorted({str(r).rstrip("/") for r in roots if str(r).startswith("/")} - {""}, key=len,
+                       reverse=True):
         text = re.sub(re.escape(root) + r"(/[^\s'\",;()\]]*)?(?![\w.-])", short, text)
     return text
 
