@@ -23,6 +23,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from infinite_talk.service.app import ACCEPT_BURST  # noqa: E402
 from infinite_talk.service.store import JobStore  # noqa: E402
 from infinite_talk.testing.service import wait_until_healthy  # noqa: E402
 
@@ -187,7 +188,8 @@ def test_hundreds_of_idle_stalled_and_trickling_sockets(server):
     log = server["log"].read_text()
     assert "Too many open files" not in log and "Traceback" not in log
     limit = int(re.search(r"at most (\d+) connections \(open-file limit 256\)", log).group(1))
-    assert peak <= limit + 8, (peak, limit)  # + the listener and the process' own
+    # accepted in one burst before the cap sees them, + the listener and the process' own: within the budget
+    assert peak <= limit + ACCEPT_BURST + 8, (peak, limit)
     folder = server["data"] / "jobs" / job["id"]
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
     assert modes["output.mp4"] == modes["output.json"] == 0o600 and stat.S_IMODE(folder.stat().st_mode) == 0o700

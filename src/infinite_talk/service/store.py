@@ -535,6 +535,10 @@ class JobStore:
 
     def claim_next(self, worker: str, patience_s: float | None = None) -> Job | None:
         """The oldest queued job, now marked running for `worker` (jobs run in submission order)."""
+        with self._read() as db:  # an idle queue takes no write lock (nor waits for another process' one)
+            if db.execute("SELECT 1 FROM jobs WHERE state = 'queued' LIMIT 1").fetchone() is None:
+                return None
+
         def claim(db):
             row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
             if row is None:
