@@ -163,7 +163,8 @@ def without_paths(text: str, *roots: Path | str) -> str:
 
 
 def _private(path: Path, mode: int) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    """Only this user may read it (best effort: a folder another user owns and shares with us stays as it is)."""
+    with contextlib.suppress(FileNotFoundError, PermissionError):
         os.chmod(path, mode)
 
 
