@@ -121,6 +121,11 @@ def _server_sockets(pid: int) -> int:
 def test_hundreds_of_idle_stalled_and_trickling_sockets(server):
     url, port, proc = server["url"], server["port"], server["proc"]
     job = _submit(url)
+    rebound = httpx.get(f"{url}/jobs/{job['id']}", headers={"Host": f"attacker.example:{port}"}, timeout=30)
+    assert rebound.status_code == 403 and "answers only requests addressed to" in rebound.json()["error"]
+    cross_site = httpx.post(f"{url}/jobs/{job['id']}/cancel", headers={"Origin": "https://attacker.example"},
+                            timeout=30)
+    assert cross_site.status_code == 403 and "cross-origin request refused" in cross_site.json()["error"]
     deadline = time.monotonic() + WAIT_S
     while httpx.get(f"{url}/jobs/{job['id']}", timeout=30).json()["state"] != "running":
         assert time.monotonic() < deadline
