@@ -64,8 +64,7 @@ TRANSIENT_SQLITE = {5: "the job database is locked by another process", 6: "the 
 STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                   errno.EROFS: "the data folder is read-only", errno.EIO: "disk I/O error",
                   errno.EACCES: "the data folder is not writable", errno.EPERM: "the data folder is not writable",
-                  errno.EMFILE: "too many open files", errno.ENFILE: "too many open files in the system",
-                  errno.ENOMEM: "out of memory"}
+                  errno.EMFILE: "too many open files", errno.ENFILE: "too many open files in the system"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
