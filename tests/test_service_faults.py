@@ -292,7 +292,8 @@ def test_read_only_data_folder_then_writable(service_factory, undisturbed, tmp_p
     assert job["state"] == "completed" and job["runs"] == 2 and job["resumed_from_chunk"] >= 1, job
     assert job["frames_sha256"] == undisturbed["frames_sha256"]
     assert injected.raised >= 3
-    assert service.client.get("/health").json()["workers"][0]["state"] == "idle"
+    service.wait("the worker idle again", lambda: service.client.get("/health").json()["workers"][0]["state"]
+                 == "idle")
 
 
 def test_a_job_its_worker_lost_to_a_fault_goes_back_to_the_queue(service_factory, undisturbed, tmp_path,
