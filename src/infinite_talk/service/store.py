@@ -439,7 +439,6 @@ class JobStore:
                             json.dumps(plan)))
 
             self._write(insert)
-            os.unlink(folder / SUBMITTING)  # while still locked: a sweep that finds it locked leaves the folder
         except BaseException as err:
             discard(folder)
             why = storage_fault(err)
@@ -449,6 +448,8 @@ class JobStore:
             raise
         finally:
             if marker is not None:
+                with contextlib.suppress(OSError):  # while still locked: a sweep that finds it leaves the folder
+                    os.unlink(folder / SUBMITTING)
                 marker.close()
         with self._work:
             self._work.notify_all()
