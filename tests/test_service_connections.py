@@ -193,8 +193,8 @@ def test_hundreds_of_idle_stalled_and_trickling_sockets(server):
     log = server["log"].read_text()
     assert "Too many open files" not in log and "Traceback" not in log
     limit = int(re.search(r"at most (\d+) connections \(open-file limit 256\)", log).group(1))
-    # accepted in one burst before the cap sees them, + the listener and the process' own: within the budget
-    assert peak <= limit + ACCEPT_BURST + 8, (peak, limit)
+    # + a burst accepted before the cap sees it, a burst still closing, the listener and the loop's own
+    assert peak <= limit + 2 * ACCEPT_BURST + 8 < OPEN_FILES, (peak, limit)
     folder = server["data"] / "jobs" / job["id"]
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
     assert modes["output.mp4"] == modes["output.json"] == 0o600 and stat.S_IMODE(folder.stat().st_mode) == 0o700
