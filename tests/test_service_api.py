@@ -116,7 +116,7 @@ def test_limits_and_refusals_are_4xx_json(client, store, short_wav, tmp_path):
                              ('{"out": "/tmp/x.mp4"}', "out cannot be set")):
         answer = client.post("/jobs", files=_files(short_wav), data={"options": options})
         assert answer.status_code == 422 and message in answer.json()["error"], (options, answer.text)
-    assert client.get("/jobs").json() == {"jobs": []} and list(store.jobs_dir.iterdir()) == []
+    assert client.get("/jobs").json() == {"jobs": [], "next_cursor": None} and list(store.jobs_dir.iterdir()) == []
     for _ in range(3):
         assert client.post("/jobs", files=_files(short_wav)).status_code == 201
     full = client.post("/jobs", files=_files(short_wav))
@@ -165,6 +165,7 @@ class StubPipeline:
     """Stands in for the models: fails the way it is told, or 'finishes' writing nothing."""
 
     load_plan = {"lines": ["device: cpu"]}
+    peers = None
 
     def __init__(self, outcomes):
         self.outcomes = list(outcomes)

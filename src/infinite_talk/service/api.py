@@ -2,17 +2,26 @@
 
 `POST /jobs` (multipart: reference, audio, optional audio2, options JSON), `GET /jobs`, `GET /jobs/{id}`,
 `GET /jobs/{id}/video`, `GET /jobs/{id}/sidecar`, `POST /jobs/{id}/cancel`, `DELETE /jobs/{id}`. With a token, every
-/jobs route needs `Authorization: Bearer TOKEN`. Every error is JSON `{"error": "what went wrong and what to do"}`.
+/jobs route needs `Authorization: Bearer TOKEN`; without one, only loopback Host names are answered and state-changing
+requests from a page of another origin are refused (network.py says why). Every error is JSON
+`{"error": "what went wrong and what to do"}`, without the server's paths.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
+import sqlite3
+import tempfile
+import time
+import weakref
 from pathlib import Path
 from typing import Literal
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, FastAPI, File, Form, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -22,11 +31,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import InfiniteTalkError
-from .store import Conflict, Job, JobStore, NotFound
+from .network import STATE_CHANGING, loopback_host, same_loopback_origin
+from .store import Conflict, Job, JobStore, NotFound, storage_fault, without_paths
 from .worker import SIDECAR_NAME, VIDEO_NAME
 
 log = logging.getLogger(__name__)
 FORM_OVERHEAD = 2**20  # multipart headers and the options field, on top of the files' own limit
+BODY_TIMEOUT_S = 30.0  # longest pause inside a request body
+MIN_BODY_RATE = 10 * 2**10  # bytes per second, on average, once a body has taken longer than the pause limit
+RETRY_AFTER_S = 5
+READ_THREADS = 8
 STATES = Literal["queued", "running", "completed", "failed", "cancelled"]
 
 
@@ -64,9 +78,10 @@ class JobView(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[JobView]
+    next_cursor: str | None = None
 
 
-ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429)}
+ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 408, 409, 413, 422, 429, 503)}
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -74,10 +89,11 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
 
 
 class Guard:
-    """Token and body size, checked before any byte of an upload is read (plain ASGI middleware)."""
+    """Host, Origin, token, body size and body pace, checked before any byte of an upload is read (plain ASGI
+    middleware)."""
 
-    def __init__(self, app, token: str | None, max_body: int):
-        self.app, self.token, self.max_body = app, token, max_body
+    def __init__(self, app, token: str | None, max_body: int, body_timeout_s: float = BODY_TIMEOUT_S):
+        self.app, self.token, self.max_body, self.body_timeout_s = app, token, max_body, body_timeout_s
 
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers", ()):
@@ -87,62 +103,112 @@ class Guard:
                                                                              self.token.encode())
         return False
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if self.token and scope["path"].startswith("/jobs") and not self._authorized(scope):
-            return await _error(401, "missing or wrong token: send the header 'Authorization: Bearer TOKEN' with "
-                                "this server's token", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        length = dict(scope.get("headers", ())).get(b"content-length")
+    def _refusal(self, scope) -> JSONResponse | None:
+        headers = dict(scope.get("headers", ()))
+        if not self.token:
+            host = headers.get(b"host", b"").decode("latin-1")
+            if b"host" in headers and not loopback_host(host):
+                return _error(403, f"this server has no token, so it answers only requests addressed to 127.0.0.1, "
+                              f"localhost or [::1] (this one was addressed to {host[:100]!r}, as a page that renamed "
+                              "itself to reach it would send); use one of those names, or start the server with "
+                              "--token to serve other names")
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            if b"origin" in headers and scope["method"] in STATE_CHANGING and not same_loopback_origin(origin, host):
+                return _error(403, f"cross-origin request refused: a page from {origin[:100]!r} may not submit, "
+                              "cancel or delete jobs on this server (it has no token); send the request without an "
+                              "Origin header (curl, a script) or from this server's own address, or start the "
+                              "server with --token")
+        elif scope["path"].startswith("/jobs") and not self._authorized(scope):
+            return _error(401, "missing or wrong token: send the header 'Authorization: Bearer TOKEN' with this "
+                          "server's token", {"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length")
         if length is not None:
             try:
                 size = int(length)
             except ValueError:
-                return await _error(400, "Content-Length is not a number")(scope, receive, send)
+                return _error(400, "Content-Length is not a number")
             if size > self.max_body:
-                return await self._too_large(size)(scope, receive, send)
-        received, exceeded = 0, False
+                return self._too_large(size)
+        return None
 
-        async def limited_receive():
-            nonlocal received, exceeded
-            message = await receive()
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        received, refused, started, body_done = 0, None, time.monotonic(), False
+
+        async def paced_receive():
+            nonlocal received, refused, body_done
+            if body_done:  # after the body: a wait for the client's disconnect, not for data
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except TimeoutError:
+                refused = _error(408, f"the request body stalled: no data for {self.body_timeout_s:.0f} s; send the "
+                                 "upload without pauses", {"Connection": "close"})
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
+                elapsed = time.monotonic() - started
                 if received > self.max_body:  # a body without (or with a false) Content-Length
-                    exceeded = True
+                    refused = self._too_large(received)
+                    return {"type": "http.disconnect"}
+                if not body_done and elapsed > self.body_timeout_s and received < MIN_BODY_RATE * elapsed:
+                    refused = _error(408, f"the request body arrives too slowly ({received / elapsed / 1024:.1f} "
+                                     f"KiB/s; at least {MIN_BODY_RATE // 1024} KiB/s are needed); send it over a "
+                                     "faster connection", {"Connection": "close"})
                     return {"type": "http.disconnect"}
             return message
 
         async def guarded_send(message):
-            if not exceeded:
+            if refused is None:
                 await send(message)
 
         try:
-            await self.app(scope, limited_receive, guarded_send)
+            await self.app(scope, paced_receive, guarded_send)
         except Exception:
-            if not exceeded:
+            if refused is None:
                 raise
-        if exceeded:
-            await self._too_large(received)(scope, receive, send)
+        if refused is not None:
+            await refused(scope, receive, send)
 
     def _too_large(self, size: int) -> JSONResponse:
         limit = self.max_body - FORM_OVERHEAD
         return _error(413, f"the upload is over this server's limit of {limit / 2**20:.0f} MiB per job "
-                      f"(got {size / 2**20:.1f} MiB or more; --max-upload-mb); send shorter or smaller files")
+                      f"(got {size / 2**20:.1f} MiB or more; --max-upload-mb); send shorter or smaller files",
+                      {"Connection": "close"})
 
 
-def create_app(store: JobStore, token: str | None = None, workers: list | None = None) -> FastAPI:
-    """The API over `store`; `workers` (threads with `.name`, `.current`) only feed /health."""
+def create_app(store: JobStore, token: str | None = None, workers: list | None = None,
+               body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
+    """The API over `store`; `workers` (threads with `.name`, `.current`, `.status`) only feed /health."""
     app = FastAPI(title="Infinite Talk job service", version=__version__,
                   description="Submit talking-video jobs, watch them, download the results. Jobs survive restarts: "
                               "an interrupted job resumes from its last finished chunk.")
     dependencies = [Depends(HTTPBearer(auto_error=False, description="the server's --token"))] if token else []
     workers = workers or []
-    app.add_middleware(Guard, token=token, max_body=store.limits.max_upload_bytes + FORM_OVERHEAD)
+    app.add_middleware(Guard, token=token, max_body=store.limits.max_upload_bytes + FORM_OVERHEAD,
+                       body_timeout_s=body_timeout_s)
+
+    hidden = (store.root, tempfile.gettempdir(), Path.home(), Path.cwd())
+
+    def public(text: str) -> str:
+        return without_paths(text, *hidden)
+
+    def view(job: Job) -> dict:
+        out = job.view(store.queue_position(job))
+        if out["error"]:
+            out["error"] = public(out["error"])
+        return out
 
     @app.exception_handler(InfiniteTalkError)
     async def _known(request, err: InfiniteTalkError):
-        return _error(getattr(err, "status", 422), str(err))
+        status = getattr(err, "status", 422)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        return _error(status, public(str(err)), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, err: RequestValidationError):
@@ -156,14 +222,24 @@ def create_app(store: JobStore, token: str | None = None, workers: list | None =
     async def _http(request, err: StarletteHTTPException):
         return _error(err.status_code, str(err.detail), getattr(err, "headers", None))
 
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
     @app.exception_handler(Exception)
     async def _internal(request, err: Exception):
+        why = storage_fault(err)
+        if why is not None:
+            log.warning("%s %s: storage unavailable: %s", request.method, request.url.path, why)
+            return _error(503, f"the server's storage is unavailable right now: {why}; try again later",
+                          {"Retry-After": str(RETRY_AFTER_S)})
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return _error(500, f"internal error: {type(err).__name__}: {err}")
+        return _error(500, public(f"internal error: {type(err).__name__}: {err}"))
 
-    @app.get("/health", summary="liveness (no token needed)")
-    def health() -> dict:
-        return {"status": "ok", "workers": [{"name": w.name, "busy": w.current is not None} for w in workers]}
+    @app.get("/health", summary="liveness and what each worker does (no token needed)")
+    async def health() -> dict:  # in the event loop: it answers even when every pool thread waits
+        states = [w.status if hasattr(w, "status") else {"name": w.name, "busy": w.current is not None}
+                  for w in workers]
+        degraded = [s for s in states if s.get("state") not in (None, "idle", "running a job")]
+        return {"status": "degraded" if degraded else "ok", "workers": states}
 
     @app.post("/jobs", status_code=201, response_model=JobView, responses=ERRORS, dependencies=dependencies,
               summary="submit a job")
@@ -177,36 +253,56 @@ def create_app(store: JobStore, token: str | None = None, workers: list | None =
         if audio2 is not None and (audio2.filename or audio2.size):
             second = (audio2.filename, audio2.file)
         job = store.submit((reference.filename, reference.file), (audio.filename, audio.file), second, options)
-        return JSONResponse(job.view(store.queue_position(job)), status_code=201,
+        return JSONResponse(view(job), status_code=201,
                             headers={"Location": f"/jobs/{job.id}"})
 
+    # Reads run on threads of their own: requests that wait to write (a database locked by another process) can
+    # take every thread of the shared pool, and a read must still answer.
+    readers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one limiter per event loop
+
+    def read(fn, *args):
+        loop = asyncio.get_running_loop()
+        if loop not in readers:
+            readers[loop] = anyio.CapacityLimiter(READ_THREADS)
+        return anyio.to_thread.run_sync(fn, *args, limiter=readers[loop])
+
     @app.get("/jobs", response_model=JobList, responses=ERRORS, dependencies=dependencies, summary="list jobs")
-    def list_jobs(state: STATES | None = None, limit: int = Query(100, ge=1, le=1000)):
-        return {"jobs": [job.view(store.queue_position(job)) for job in store.list(state, limit)]}
+    async def list_jobs(state: STATES | None = None, limit: int = Query(100, ge=1, le=1000),
+                        cursor: str | None = Query(None, pattern=r"^[0-9]{1,18}$", description="`next_cursor` of "
+                                                   "the previous page; the first page without it")):
+        def page() -> dict:
+            jobs = store.list(state, limit + 1, int(cursor or 0))
+            more = len(jobs) > limit
+            jobs = jobs[:limit]
+            return {"jobs": [view(job) for job in jobs], "next_cursor": str(jobs[-1].seq) if more else None}
+
+        return await read(page)
 
     @app.get("/jobs/{job_id}", response_model=JobView, responses=ERRORS, dependencies=dependencies,
              summary="a job's status: state, chunk i/n, step, ETA, effective plan")
-    def status(job_id: str):
-        job = store.get(job_id)
-        return job.view(store.queue_position(job))
+    async def status(job_id: str):
+        return await read(lambda: view(store.get(job_id)))
 
     @app.get("/jobs/{job_id}/video", response_class=FileResponse, responses=ERRORS, dependencies=dependencies,
              summary="the mp4 (also the finished frames of a cancelled or failed job)")
-    def video(job_id: str):
-        job, path = _output(store, job_id, VIDEO_NAME)
+    async def video(job_id: str):
+        job, path = await read(_output, store, job_id, VIDEO_NAME)
         return FileResponse(path, media_type="video/mp4", filename=f"infinite-talk-{job.id}.mp4")
 
     @app.get("/jobs/{job_id}/sidecar", responses=ERRORS, dependencies=dependencies,
              summary="the JSON sidecar: requested vs effective options, seed, timings, versions")
-    def sidecar(job_id: str) -> dict:
-        job, path = _output(store, job_id, SIDECAR_NAME)
-        return public_sidecar(path.read_text(), job, store.folder(job_id))
+    async def sidecar(job_id: str) -> dict:
+        def load() -> dict:
+            job, path = _output(store, job_id, SIDECAR_NAME)
+            return public_sidecar(path.read_text(), job, store.folder(job_id))
+
+        return await read(load)
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobView, responses=ERRORS, dependencies=dependencies,
               summary="cancel: a queued job at once, a running one at its next step (finished chunks are kept)")
     def cancel(job_id: str):
         job = store.cancel(job_id)
-        return JSONResponse(job.view(store.queue_position(job)), status_code=202 if job.state == "running" else 200)
+        return JSONResponse(view(job), status_code=202 if job.state == "running" else 200)
 
     @app.delete("/jobs/{job_id}", responses=ERRORS, dependencies=dependencies,
                 summary="delete a job that is not running, with its files")

@@ -3,14 +3,16 @@
 After chunk k: its uint8 output frames go to `frames_<k>.npy`, then `state.pt` (chunk index, seed, noise-generator
 state, context frames, loop statistics) is replaced atomically. A server killed at any point therefore finds either
 the previous or the new state, and every chunk file the state counts is complete. Frames are kept raw (not
-re-encoded) so the final mp4, written from all of them, has the frames of an uninterrupted run.
+re-encoded) so the final mp4, written from all of them, has the frames of an uninterrupted run. Files are written
+whole (serialised first) and private (0600); a failed write (disk full, read-only) raises the `OSError` and leaves
+the previous state as it was. `clear` is resumable: a kill half-way leaves a name the next start removes.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from ..pipeline import ChunkState
+from .store import CHECKPOINT_DIR, PRIVATE_DIR, PRIVATE_FILE, discard, storage_fault
 
 log = logging.getLogger(__name__)
 
@@ -30,34 +33,41 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _write_whole(path: Path, data: bytes | memoryview) -> None:
+    """`data` into `path` through a temporary file, synced, then renamed over it."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 class JobCheckpoint:
     def __init__(self, job_folder: Path):
-        self.folder = job_folder / "checkpoint"
+        self.folder = job_folder / CHECKPOINT_DIR
         self.state_path = self.folder / "state.pt"
 
     def _frames_path(self, chunk: int) -> Path:
         return self.folder / f"frames_{chunk:05d}.npy"
 
     def save(self, state: ChunkState, frames: np.ndarray) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        chunk_file = self._frames_path(state.next_chunk - 1)
-        tmp = chunk_file.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(frames, dtype=np.uint8))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, chunk_file)
+        self.folder.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(frames, dtype=np.uint8))
+        _write_whole(self._frames_path(state.next_chunk - 1), buffer.getbuffer())
         payload = {
             "next_chunk": state.next_chunk, "num_chunks": state.num_chunks, "seed": state.seed,
             "frames_written": state.frames_written, "generator_state": state.generator_state.clone(),
             "context_frames": state.context_frames.detach().cpu().clone(), "stats": state.stats,
         }
-        tmp = self.state_path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_path)
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        _write_whole(self.state_path, buffer.getbuffer())
         _fsync_dir(self.folder)
 
     def load(self) -> ChunkState | None:
@@ -69,6 +79,8 @@ class JobCheckpoint:
             files = [self._frames_path(k) for k in range(data["next_chunk"])]
             counted = sum(np.load(f, mmap_mode="r").shape[0] for f in files)
         except Exception as err:  # a checkpoint we cannot read is a run we cannot continue: start over
+            if storage_fault(err):  # unless the disk failed: then it is read again once storage is back
+                raise
             log.warning("checkpoint in %s unusable (%s); the job starts over", self.folder, err)
             return None
         if counted != data["frames_written"]:
@@ -80,7 +92,7 @@ class JobCheckpoint:
                           earlier_frames=_read_frames(files))
 
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        discard(self.folder)
 
 
 def _read_frames(files: list[Path]) -> Iterator[np.ndarray]:
