@@ -24,7 +24,6 @@ import torch
 
 from infinite_talk.errors import OptionError
 
-PASS_NAMES = ("cond", "drop_text", "uncond", "drop_audio")
 APG_MOMENTUM = -0.75
 APG_NORM_THRESHOLD = 55.0
 
