@@ -139,7 +139,7 @@ class GenerateOptions:
     def effective_color_correction(self) -> float:
         if self.color_correction is not None:
             return float(self.color_correction)
-        return 0.0 if self.video else 1.0  # REFERENCE D19: frame-0 matching fights scene changes in a video
+        return 0.0 if self.video else 1.0  # docs/REFERENCE.md D19: frame-0 matching fights scene changes in a video
 
     @property
     def effective_shift(self) -> float:

@@ -1,4 +1,4 @@
-"""Loading the InfiniteTalk transformer from every released layout, recognised by keys (FORMATS.md §0–§3).
+"""Loading the InfiniteTalk transformer from every released layout, recognised by keys (docs/FORMATS.md §0–§3).
 
 Accepted:
 * original Wan shards (`diffusion_pytorch_model-0000N-of-00007.safetensors`, original key names) + the InfiniteTalk

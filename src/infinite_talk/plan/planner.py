@@ -1,4 +1,4 @@
-"""Resolve the load options against what this machine can run, before any weights load (OPTIONS.md §4.2-4.3).
+"""Resolve the load options against what this machine can run, before any weights load (docs/OPTIONS.md §4.2-4.3).
 
 `resolve(load_options, caps)` returns a `Plan`: for each option `Resolved(requested, effective, reason)`, plus the
 concrete choices the model code uses (device, dtypes, quantization mode, diffusers attention backend). An explicit
@@ -16,7 +16,7 @@ Decisions (documented here because they are product behaviour):
 - quantization=nf4 uses torchao's NF4 tensor (the QLoRA format bitsandbytes also uses), which runs on CPU and GPU, so
   it is tested here; bitsandbytes is not used (CUDA-only kernels, not testable in CI).
 - attention=auto never picks 8-bit/4-bit attention (sageattn, sageattn_3): their quality is not yet checked on the
-  golden clip (OPTIONS §2.6), so they run only when requested. Orders (fastest first, PERFORMANCE.md §3/§8):
+  golden clip (docs/OPTIONS.md §2.6), so they run only when requested. Orders (fastest first, docs/PERFORMANCE.md §3):
   Hopper: flash_attn_3 (flash_attn_interface, else the fa3-fwd wheel) > sdpa-cudnn > sdpa-flash > flash_attn_2 > sdpa-efficient > sdpa-math;
   Blackwell (no FA3 there): sdpa-cudnn > sdpa-flash > flash_attn_2 > ...;
   Ampere/Ada: sdpa-flash > flash_attn_2 > sdpa-cudnn > ... (inferred: cuDNN attention is only measured on Hopper).

@@ -1,4 +1,4 @@
-"""Classifier-free guidance over the text and audio conditions (REFERENCE §3.5, OPTIONS §2.4 pass rule).
+"""Classifier-free guidance over the text and audio conditions (docs/REFERENCE.md §3.5, docs/OPTIONS.md §2.4).
 
 Passes (each one model call per step):
 
