@@ -1,9 +1,9 @@
 """The main job on the tiny preset: lengths, steps, passes, speakers, dubbing, errors and the sidecar.
 
 Most runs use short chunks (`SHORT`: 21 frames, 5 context frames, so 16 new frames per chunk) and clips of a
-second or two: the behaviour under test does not depend on the chunk length, and a CPU decodes a 21-frame chunk
-about four times faster than an 81-frame one. One test keeps the default 81/9 chunking end to end; runs over the
-whole example recordings are marked `slow` (CI runs them)."""
+second or two: the behaviour under test does not depend on the chunk length, and a 21-frame chunk is 6 latent frames
+to encode and decode instead of 21. One test keeps the default 81/9 chunking end to end; runs over the whole example
+recordings are marked `slow` (CI runs them)."""
 
 from __future__ import annotations
 
