@@ -6,6 +6,12 @@ import os
 
 import pytest
 
+# One CPU thread per test process unless the caller chose otherwise. The tests run many small tensor operations, where
+# a second OpenMP thread gains little, and on a machine shared with other jobs the threads of every operation wait for
+# each other. Set before torch is imported (nothing imports it earlier), so it holds here and in every subprocess the
+# tests start (torchrun jobs, servers), which therefore compute exactly like the in-process references.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):

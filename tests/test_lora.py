@@ -1,4 +1,4 @@
-"""LoRA files: every naming convention, alpha/rank scaling, merged == unmerged, refusals (FORMATS.md §9)."""
+"""LoRA files: every naming convention, alpha/rank scaling, merged == unmerged, refusals (docs/FORMATS.md §9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `14b` geometry built on the meta device has exactly the released key set and shapes (REFERENCE.md §1.9)."""
+"""The `14b` geometry built on the meta device has exactly the released key set and shapes (docs/REFERENCE.md §1.9)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from infinite_talk.models.transformer_loading import (
 
 
 def reference_table() -> dict[str, tuple[int, ...]]:
-    """REFERENCE.md §1.9, written out from the spec (not from our model)."""
+    """docs/REFERENCE.md §1.9, written out from that table (not from our model)."""
     d, f = 5120, 13824
     table = {
         "patch_embedding.weight": (5120, 36, 1, 2, 2), "patch_embedding.bias": (5120,),

@@ -89,7 +89,7 @@ def test_video_keyframe_by_time_at_source_fps(tmp_path):
 @pytest.mark.parametrize(
     "h, w, size, bucket",
     [
-        (1080, 1920, 480, (448, 896)),  # 16:9 landscape (REFERENCE §3.1 example)
+        (1080, 1920, 480, (448, 896)),  # 16:9 landscape (docs/REFERENCE.md §3.1 example)
         (290, 512, 480, (448, 896)),
         (512, 512, 480, (640, 640)),
         (1920, 1080, 480, (832, 448)),  # 9:16 portrait: ratio 1.78 → key 1.86

@@ -62,8 +62,8 @@ def test_quantized_transformer_bytes_equal_torchaos_tensors(tiny_files, mode):
 
 def test_14b_sizes_match_the_released_model():
     bf16 = memory.transformer_bytes(GEOMETRY_14B, "bfloat16")
-    assert bf16.params == 18_882_046_784  # REFERENCE §1.9, tests/test_manifest_14b.py
-    assert len(bf16.blocks) == 40 and abs(bf16.blocks[0] / 1e9 - 0.93) < 0.01  # PERFORMANCE.md §6: 0.93 GB
+    assert bf16.params == 18_882_046_784  # docs/REFERENCE.md §1.9, tests/test_manifest_14b.py
+    assert len(bf16.blocks) == 40 and abs(bf16.blocks[0] / 1e9 - 0.93) < 0.01  # docs/PERFORMANCE.md §6: 0.93 GB
     fp8 = memory.transformer_bytes(GEOMETRY_14B, "bfloat16", "fp8-storage")
     assert abs(fp8.blocks[0] / 1e9 - 0.465) < 0.01  # 0.46 GB per block in fp8
     assert 19.0 < fp8.total / 1e9 < 20.0  # ≈ 19.1 GB (+ the fp32-kept modules)
@@ -106,7 +106,7 @@ def test_planning_leaves_the_process_attention_backend_alone():
 
 def test_14b_activations_at_480p():
     """3.48 GiB above the weights at 832x480: benchmarks/dit_forward.py measured a 38.7 GiB peak on an H200 for
-    35.2 GiB of weights (PERFORMANCE.md expects ≈3.4 GiB for an implementation without the reference's ref map)."""
+    35.2 GiB of weights (docs/PERFORMANCE.md §6: ≈3.4 GiB for an implementation without the reference's ref map)."""
     act = memory.transformer_activation_bytes(GEOMETRY_14B, "bfloat16", "disabled", "_native_cudnn", SHAPE_480)
     assert 3.3 < act / GIB < 3.7
     assert memory.transformer_activation_bytes(GEOMETRY_14B, "bfloat16", "disabled", "_native_cudnn",

@@ -1,4 +1,9 @@
-"""The main job on the tiny preset: lengths, steps, passes, speakers, dubbing, errors and the sidecar."""
+"""The main job on the tiny preset: lengths, steps, passes, speakers, dubbing, errors and the sidecar.
+
+Most runs use short chunks (`SHORT`: 21 frames, 5 context frames, so 16 new frames per chunk) and clips of a
+second or two: the behaviour under test does not depend on the chunk length, and a 21-frame chunk is 6 latent frames
+to encode and decode instead of 21. One test keeps the default 81/9 chunking end to end; runs over the whole example
+recordings are marked `slow` (CI runs them)."""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from infinite_talk.pipeline import InfiniteTalkPipeline
 
 EXAMPLES = __import__("pathlib").Path(__file__).parent / "data" / "examples"
 AAC_FRAME_S = 1024 / 16000  # decoded AAC may run up to one frame past the cut
+SHORT = dict(frame_num=21, motion_frames=5)  # chunks of 21 frames: 21, then 16 new frames per chunk
+SHORT_FLAGS = ["--frame-num", "21", "--motion-frames", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +33,25 @@ def pipe(cache):
     return p
 
 
+def _cut(folder, name: str, seconds: float):
+    """The first `seconds` of an example recording, as a wav file."""
+    data, rate = sf.read(EXAMPLES / name, dtype="float32")
+    path = folder / f"{name.removesuffix('.wav')}_{seconds}s.wav"
+    sf.write(path, data[: int(seconds * rate)], rate)
+    return path
+
+
 @pytest.fixture(scope="module")
 def wav5(tmp_path_factory):
-    data, rate = sf.read(EXAMPLES / "speech_en.wav", dtype="float32")
-    path = tmp_path_factory.mktemp("audio") / "five_seconds.wav"
-    sf.write(path, data[: 5 * rate], rate)
-    return path
+    return _cut(tmp_path_factory.mktemp("audio"), "speech_en.wav", 5)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Short cuts of the example speech: speaker 1 for 2 s and 1.2 s, speaker 2 for 0.8 s, speaker 1 for 1 s."""
+    folder = tmp_path_factory.mktemp("clips")
+    return {"s1_2s": _cut(folder, "speech_en.wav", 2.0), "s1_1.2s": _cut(folder, "speech_en.wav", 1.2),
+            "s2_0.8s": _cut(folder, "speech_en_speaker2.wav", 0.8), "s1_1s": _cut(folder, "speech_en.wav", 1.0)}
 
 
 class CallCounter:
@@ -66,10 +86,11 @@ def test_steps_run_exactly_and_passes_follow_the_scales(pipe, tmp_path):
     for text, audio, passes in ((5.0, 4.0, 3), (1.0, 2.0, 2), (1.0, 1.0, 1)):
         counter = CallCounter(pipe.transformer)
         try:
-            result = pipe.generate(_request(tmp_path, steps=6, text_scale=text, audio_scale=audio, max_seconds=2.0))
+            result = pipe.generate(_request(tmp_path, steps=6, text_scale=text, audio_scale=audio, max_seconds=0.8,
+                                            **SHORT))
         finally:
             counter.remove()
-        assert counter.calls == 6 * passes  # one chunk (50 frames), 6 steps, `passes` model calls per step
+        assert counter.calls == 6 * passes  # one chunk (20 frames), 6 steps, `passes` model calls per step
         eff = result.sidecar["effective"]
         assert eff["steps"] == 6 and eff["passes_per_step"] == passes
         assert eff["model_calls_per_chunk"] == [6 * passes]
@@ -80,14 +101,27 @@ def test_other_schedulers_run_their_steps(pipe, tmp_path):
         counter = CallCounter(pipe.transformer)
         try:
             result = pipe.generate(_request(tmp_path, scheduler=name, steps=steps, text_scale=1.0, audio_scale=1.0,
-                                            max_seconds=1.0))
+                                            max_seconds=0.8, **SHORT))
         finally:
             counter.remove()
         assert counter.calls == expected
         assert result.sidecar["effective"]["scheduler_plan"]["fixed"] is (name == "distill4")
 
 
-def test_whole_audio_by_default_and_max_seconds_caps(pipe, tmp_path):
+def test_whole_audio_by_default_and_max_seconds_caps(pipe, tmp_path, clips):
+    one_pass = dict(steps=1, text_scale=1.0, audio_scale=1.0, **SHORT)
+    result = pipe.generate(_request(tmp_path, audio=str(clips["s1_2s"]), **one_pass))
+    samples = sf.info(clips["s1_2s"]).frames  # 16 kHz, 2 s
+    assert result.frames == int(samples / 16000 * 25)  # the whole audio (3 chunks): no silent cap
+    assert result.sidecar["output"]["chunks"] == 3  # 50 frames = 21 + 16 + 16 - trim
+    assert probe_media(result.video_path).frames == result.frames
+    capped = pipe.generate(_request(tmp_path, audio=str(clips["s1_2s"]), max_seconds=1.0, **one_pass))
+    assert capped.frames == 25
+
+
+@pytest.mark.slow
+def test_whole_example_recording_at_the_default_chunk_length(pipe, tmp_path):
+    """The long-audio run: all 10 s of the example speech in 81-frame chunks (4 chunks), then capped at 3 s."""
     result = pipe.generate(_request(tmp_path, steps=1, text_scale=1.0, audio_scale=1.0))
     samples = sf.info(EXAMPLES / "speech_en.wav").frames  # 16 kHz, ~10.12 s
     assert result.frames == int(samples / 16000 * 25)  # the whole audio: no silent cap
@@ -96,44 +130,55 @@ def test_whole_audio_by_default_and_max_seconds_caps(pipe, tmp_path):
     assert capped.frames == 75
 
 
-def test_two_speakers_para_unequal_and_add(pipe, tmp_path):
-    two = dict(audio2=str(EXAMPLES / "speech_en_speaker2.wav"), steps=1, max_seconds=4.0)
+def test_two_speakers_para_unequal_and_add(pipe, tmp_path, clips):
+    first, second = clips["s1_1.2s"], clips["s2_0.8s"]  # 30 and 20 frames
+    two = dict(audio=str(first), audio2=str(second), steps=1, **SHORT)
     para = pipe.generate(_request(tmp_path, audio_mode="para", **two))
-    assert para.frames == 100 and para.sidecar["effective"]["speakers"] == 2
+    assert para.frames == 30 and para.sidecar["effective"]["speakers"] == 2  # the shorter track is padded (D6)
+    full = pipe.generate(_request(tmp_path, audio_mode="add", text_scale=1.0, audio_scale=1.0, **two))
+    n1, n2 = sf.info(first).frames, sf.info(second).frames
+    assert full.frames == int((n1 + n2) / 16000 * 25)  # add: speaker 1, then speaker 2
+    boxes = pipe.generate(_request(tmp_path, audio_mode="para", bbox=[[0, 0, 512, 256], [0, 256, 512, 512]],
+                                   max_seconds=0.6, **two))
+    assert boxes.frames == 15
+
+
+@pytest.mark.slow
+def test_two_speakers_added_over_the_whole_example_recordings(pipe, tmp_path):
+    """The long-audio run: `add` of the two example speakers (10.1 s + 5.7 s) in 81-frame chunks (6 chunks)."""
     full = pipe.generate(_request(tmp_path, audio_mode="add", steps=1, text_scale=1.0, audio_scale=1.0,
                                   audio2=str(EXAMPLES / "speech_en_speaker2.wav")))
     n1, n2 = sf.info(EXAMPLES / "speech_en.wav").frames, sf.info(EXAMPLES / "speech_en_speaker2.wav").frames
     assert full.frames == int((n1 + n2) / 16000 * 25)  # add: speaker 1, then speaker 2
-    boxes = pipe.generate(_request(tmp_path, audio_mode="para", bbox=[[0, 0, 512, 256], [0, 256, 512, 512]], **two))
-    assert boxes.frames == 100
+    assert probe_media(full.video_path).frames == full.frames
 
 
-def test_video_dubbing_takes_keyframes_from_the_video(pipe, tmp_path, wav5):
+def test_video_dubbing_takes_keyframes_from_the_video(pipe, tmp_path, clips):
     result = pipe.generate(_request(tmp_path, image=None, video=str(EXAMPLES / "reference_video.mp4"),
-                                    audio=str(wav5), steps=1, color_correction=0.0))
-    assert result.frames == 125 and result.sidecar["inputs"]["reference_is_video"] is True
-    assert probe_media(result.video_path).frames == 125
+                                    audio=str(clips["s1_2s"]), steps=1, color_correction=0.0, **SHORT))
+    assert result.frames == 50 and result.sidecar["inputs"]["reference_is_video"] is True  # 3 chunks, 3 keyframes
+    assert probe_media(result.video_path).frames == 50
     auto = pipe.generate(_request(tmp_path, image=None, video=str(EXAMPLES / "reference_video.mp4"),
-                                  audio=str(wav5), steps=1, max_seconds=1.0))
+                                  audio=str(clips["s1_2s"]), steps=1, max_seconds=0.6, **SHORT))
     assert auto.sidecar["requested"]["color_correction"] is None
     assert auto.sidecar["effective"]["color_correction"] == 0.0  # off by default for a video (D19)
 
 
 def test_same_seed_same_video_and_seed_recorded(pipe, tmp_path):
     frames = {"a": [], "b": []}
-    a = pipe.generate(_request(tmp_path, out=str(tmp_path / "a.mp4"), max_seconds=1.0, seed=None),
+    a = pipe.generate(_request(tmp_path, out=str(tmp_path / "a.mp4"), max_seconds=0.8, seed=None, **SHORT),
                       on_chunk=lambda k, f: frames["a"].append(f))
     assert isinstance(a.seed, int) and a.sidecar["seed"] == a.seed
-    pipe.generate(_request(tmp_path, out=str(tmp_path / "b.mp4"), max_seconds=1.0, seed=a.seed),
+    pipe.generate(_request(tmp_path, out=str(tmp_path / "b.mp4"), max_seconds=0.8, seed=a.seed, **SHORT),
                   on_chunk=lambda k, f: frames["b"].append(f))
     # the generated frames are identical (the mp4 bytes are not compared: x264's threads may order slices apart)
     assert len(frames["a"]) == len(frames["b"]) == 1
-    assert frames["a"][0].shape == (25, 80, 80, 3)
+    assert frames["a"][0].shape == (20, 80, 80, 3)
     assert np.array_equal(frames["a"][0], frames["b"][0])
 
 
 def test_sidecar_records_requested_and_effective(pipe, tmp_path):
-    result = pipe.generate(_request(tmp_path, steps=3, max_seconds=1.0))
+    result = pipe.generate(_request(tmp_path, steps=3, max_seconds=0.8, **SHORT))
     sidecar = json.loads(result.sidecar_path.read_text())
     assert result.sidecar_path.name == "out.json"
     req, eff = sidecar["requested"], sidecar["effective"]
@@ -168,14 +213,15 @@ def test_errors_say_what_to_do(pipe, tmp_path):
         pipe.generate(_request(tmp_path, image=None))
 
 
-def test_cli_generate_dry_run_and_refusals(cache, tmp_path, wav5, capsys):
+def test_cli_generate_dry_run_and_refusals(cache, tmp_path, clips, capsys):
     out = tmp_path / "cli.mp4"
-    code = cli_main(["generate", "--preset", "tiny", "--image", str(EXAMPLES / "portrait.png"), "--audio", str(wav5),
-                     "--steps", "1", "--text-scale", "1", "--audio-scale", "1", "--out", str(out)])
-    assert code == 0 and probe_media(out).frames == 125
+    code = cli_main(["generate", "--preset", "tiny", "--image", str(EXAMPLES / "portrait.png"), "--audio",
+                     str(clips["s1_1s"]), "--steps", "1", "--text-scale", "1", "--audio-scale", "1", *SHORT_FLAGS,
+                     "--out", str(out)])
+    assert code == 0 and probe_media(out).frames == 25
     assert json.loads(out.with_suffix(".json").read_text())["effective"]["steps"] == 1
     code = cli_main(["generate", "--preset", "tiny", "--quantization", "fp4", "--image", str(EXAMPLES / "portrait.png"),
-                     "--audio", str(wav5), "--out", str(tmp_path / "q.mp4")])
+                     "--audio", str(clips["s1_1s"]), "--out", str(tmp_path / "q.mp4")])
     err = capsys.readouterr().err
     assert code == 2 and "error: quantization=fp4" in err and "Traceback" not in err
     code = cli_main(["generate", "--dry-run", "--steps", "6", "--text-scale", "1", "--audio-scale", "2"])
@@ -183,17 +229,18 @@ def test_cli_generate_dry_run_and_refusals(cache, tmp_path, wav5, capsys):
     assert code == 0 and plan["steps"] == 6 and plan["passes_per_step"] == 2
 
 
-def test_cli_reference_input_json(cache, tmp_path, wav5, capsys):
+def test_cli_reference_input_json(cache, tmp_path, clips, capsys):
     spec = {"prompt": "A woman is talking", "cond_video": str(EXAMPLES / "portrait.png"),
-            "cond_audio": {"person1": str(wav5)}}
+            "cond_audio": {"person1": str(clips["s1_1s"])}}
     path = tmp_path / "job.json"
     path.write_text(json.dumps(spec))
-    code = cli_main(["generate", "--preset", "tiny", "--input-json", str(path), "--steps", "1", "--out",
-                     str(tmp_path / "j.mp4")])
+    code = cli_main(["generate", "--preset", "tiny", "--input-json", str(path), "--steps", "1", *SHORT_FLAGS,
+                     "--out", str(tmp_path / "j.mp4")])
     assert code == 0
     sidecar = json.loads((tmp_path / "j.json").read_text())
     assert sidecar["inputs"]["prompt"] == "A woman is talking"
-    spec["cond_audio"] = {"person1": str(wav5), "person2": str(wav5), "person3": str(wav5)}
+    spec["cond_audio"] = {"person1": str(clips["s1_1s"]), "person2": str(clips["s1_1s"]),
+                          "person3": str(clips["s1_1s"])}
     path.write_text(json.dumps(spec))
     code = cli_main(["generate", "--preset", "tiny", "--input-json", str(path), "--out", str(tmp_path / "k.mp4")])
     assert code == 2 and "3 speakers given; InfiniteTalk supports one or two speakers" in capsys.readouterr().err

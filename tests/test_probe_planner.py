@@ -1,5 +1,5 @@
 """Every load option value either resolves to what will run, with a reason, or is refused with the reason
-(OPTIONS.md §4.2-4.4), on simulated machines and on this one."""
+(docs/OPTIONS.md §4.2-4.4), on simulated machines and on this one."""
 
 from __future__ import annotations
 
@@ -296,7 +296,7 @@ def test_unknown_values_are_errors():
 
 
 def test_no_placebo_values():
-    """On a machine where they all run, distinct values of an option give distinct plans (OPTIONS §4.4)."""
+    """On a machine where they all run, distinct values of an option give distinct plans (docs/OPTIONS.md §4.4)."""
     caps = simulated("rtx5090")
     for field in FIELDS:
         plans = {}

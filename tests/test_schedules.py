@@ -1,4 +1,4 @@
-"""Schedules, samplers and guidance (REFERENCE §3.4–3.5, OPTIONS §2.4)."""
+"""Schedules, samplers and guidance (docs/REFERENCE.md §3.4–3.5, docs/OPTIONS.md §2.4)."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from infinite_talk.sampling.schedules import SCHEDULER_NAMES, make_sampler, refe
 
 
 def test_reference_timesteps_match_documented_sigmas():
-    # REFERENCE §3.4: 8 steps, shift 2 → σ 1.0, 0.9232, 0.8335, 0.7276, 0.6006, 0.4453, 0.2513, 0.0020, 0
+    # docs/REFERENCE.md §3.4: 8 steps, shift 2 → σ 1.0, 0.9232, 0.8335, 0.7276, 0.6006, 0.4453, 0.2513, 0.0020, 0
     sig = (reference_timesteps(8, 2.0) / 1000).tolist()
     assert sig == pytest.approx([1.0, 0.9232, 0.8335, 0.7276, 0.6006, 0.4453, 0.2513, 0.0020, 0.0], abs=1e-4)
     ts = reference_timesteps(40, 7.0)

@@ -133,10 +133,10 @@ def pipe():
 def _generate(pipe, tmp_path, name, **kw):
     frames, progress = [], []
     request = GenerateOptions(image=str(EXAMPLES / "portrait.png"), audio=str(EXAMPLES / "speech_en.wav"), steps=6,
-                              text_scale=1.0, audio_scale=2.0, max_seconds=1.0, frame_num=21, motion_frames=5, seed=3,
+                              text_scale=1.0, audio_scale=2.0, max_seconds=0.4, frame_num=9, motion_frames=5, seed=3,
                               out=str(tmp_path / name), **kw)
     result = pipe.generate(request, on_chunk=lambda k, f: frames.append(f), progress=progress.append)
-    return result, frames, progress
+    return result, frames, progress  # 10 frames in chunks of 9 (5 context frames): 2 chunks
 
 
 def test_pipeline_threshold_zero_gives_the_same_video_and_skips_are_reported(pipe, tmp_path):

@@ -81,21 +81,24 @@ def studio(cache, tmp_path_factory):
     return Studio(preset="tiny", output_dir=tmp_path_factory.mktemp("outputs"))
 
 
-def _clip(folder, seconds: int):
+def _clip(folder, seconds: float):
     data, rate = sf.read(EXAMPLES / "speech_en.wav", dtype="float32")
     path = folder / f"{seconds}s.wav"
-    sf.write(path, data[: seconds * rate], rate)
+    sf.write(path, data[: int(seconds * rate)], rate)
     return path
 
 
-@pytest.fixture(scope="module")
-def wav5(tmp_path_factory):
-    return _clip(tmp_path_factory.mktemp("audio"), 5)
+SHORT = dict(frame_num=21, motion_frames=5)  # 21-frame chunks (16 new frames each): quick on a CPU
 
 
 @pytest.fixture(scope="module")
-def wav3(tmp_path_factory):
-    return _clip(tmp_path_factory.mktemp("audio"), 3)
+def two_chunks(tmp_path_factory):
+    return _clip(tmp_path_factory.mktemp("audio"), 1.2)  # 30 frames: 2 chunks of 21
+
+
+@pytest.fixture(scope="module")
+def one_chunk(tmp_path_factory):
+    return _clip(tmp_path_factory.mktemp("audio"), 0.8)  # 20 frames: 1 chunk of 21
 
 
 def test_studio_refuses_to_run_before_models_load_and_one_job_per_page(studio):
@@ -116,12 +119,13 @@ def test_refused_load_option_fails_before_the_models_are_touched(studio):
         studio.load(LoadOptions(preset="tiny", attention="flash_attn_3"), say=lambda m: None)
 
 
-def test_cancel_stops_at_the_next_step_and_keeps_the_finished_chunk(studio, wav5):
+def test_cancel_stops_at_the_next_step_and_keeps_the_finished_chunk(studio, two_chunks):
     studio.load(LoadOptions(preset="tiny", model_precision="fp32", vae_precision="fp32"), say=lambda m: None)
     assert studio.loaded and "MiB on cpu" in studio.memory_text()
     out = studio.new_output_path()
-    request = GenerateOptions(image=str(EXAMPLES / "portrait.png"), audio=str(wav5), steps=3, seed=5, out=str(out))
-    assert audio_frames(request) == 125
+    request = GenerateOptions(image=str(EXAMPLES / "portrait.png"), audio=str(two_chunks), steps=3, seed=5,
+                              out=str(out), **SHORT)
+    assert audio_frames(request) == 30
     chunks = []
 
     def work(job):
@@ -137,18 +141,18 @@ def test_cancel_stops_at_the_next_step_and_keeps_the_finished_chunk(studio, wav5
     assert cancelled and "cancelled at chunk 2/2, step 1/3" in cancelled[0]
     steps_seen = [(p["chunk"], p["step"]) for k, p in events if k == "progress"]
     assert steps_seen == [(1, 1), (1, 2), (1, 3)]
-    assert [k for k, _ in chunks] == [0] and chunks[0][1][0] == 81
-    assert probe_media(out).frames == 81
+    assert [k for k, _ in chunks] == [0] and chunks[0][1][0] == 21
+    assert probe_media(out).frames == 21
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["status"] == "cancelled" and sidecar["output"]["chunks_done"] == 1
     assert studio.calibration is None  # a cancelled run does not calibrate the estimate
 
 
-def test_a_full_run_calibrates_the_time_estimate(studio, wav3):
-    request = GenerateOptions(image=str(EXAMPLES / "portrait.png"), audio=str(wav3), steps=2,
-                              out=str(studio.new_output_path()))
+def test_a_full_run_calibrates_the_time_estimate(studio, one_chunk):
+    request = GenerateOptions(image=str(EXAMPLES / "portrait.png"), audio=str(one_chunk), steps=2,
+                              out=str(studio.new_output_path()), **SHORT)
     result = studio.run_generation(request)
-    assert result.frames == 75 and result.seed == result.sidecar["seed"]
+    assert result.frames == 20 and result.seed == result.sidecar["seed"]
     cal = studio.calibration
     assert cal["size"] == 480 and cal["s_per_call"] > 0 and cal["s_per_chunk"] > 0
     plan = studio.pipeline.plan_request(request, audio_frames(request))
@@ -190,7 +194,7 @@ def test_models_folder_files_are_offered_per_component_and_a_wrong_file_is_a_mes
     assert not folder.loaded
 
 
-def test_with_a_data_dir_runs_go_through_the_job_service_queue(studio, tmp_path, wav3):
+def test_with_a_data_dir_runs_go_through_the_job_service_queue(studio, tmp_path, one_chunk):
     """`infinite-talk ui --data-dir DIR`: the page's run is a job in the service's SQLite queue, worked by the
     service's worker (here in-process), and its mp4 + sidecar come back to the page's output folder."""
     from infinite_talk.pipeline import InfiniteTalkPipeline
@@ -198,8 +202,8 @@ def test_with_a_data_dir_runs_go_through_the_job_service_queue(studio, tmp_path,
 
     queued = Studio(output_dir=tmp_path / "outputs", data_dir=tmp_path / "data", caps=studio.caps)
     queued.require_models()  # no local models needed: the service holds them
-    request = GenerateOptions(image=str(EXAMPLES / "portrait.png"), audio=str(wav3), steps=2, text_scale=1,
-                              audio_scale=1, seed=7, max_seconds=1.0, out=str(tmp_path / "outputs" / "q.mp4"))
+    request = GenerateOptions(image=str(EXAMPLES / "portrait.png"), audio=str(one_chunk), steps=2, text_scale=1,
+                              audio_scale=1, seed=7, max_seconds=0.6, out=str(tmp_path / "outputs" / "q.mp4"), **SHORT)
     with pytest.raises(InfiniteTalkError, match="no `infinite-talk serve --data-dir .*` is running"):
         queued.run_generation(request)  # nobody works the queue: refused, not a page waiting forever
     assert queued.store.list() == []
@@ -215,8 +219,8 @@ def test_with_a_data_dir_runs_go_through_the_job_service_queue(studio, tmp_path,
     finally:
         stop.set()
         worker.join(20)
-    assert probe_media(result.video_path).frames == 25 and result.frames == 25 and result.seed == 7
+    assert probe_media(result.video_path).frames == 15 and result.frames == 15 and result.seed == 7
     assert result.sidecar["status"] == "completed" and result.sidecar["effective"]["steps"] == 2
     assert result.sidecar_path.is_file()
     (job,) = queued.store.list()
-    assert job.state == "completed" and job.frames == 25
+    assert job.state == "completed" and job.frames == 15

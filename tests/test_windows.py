@@ -1,4 +1,4 @@
-"""Chunk bookkeeping of the streaming loop (REFERENCE §3.3, §3.8)."""
+"""Chunk bookkeeping of the streaming loop (docs/REFERENCE.md §3.3, §3.8)."""
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from infinite_talk.sampling.windows import audio_window, chunk_count, mirror_pad
         (82, 2),  # one frame more needs a second chunk (81 + 72 = 153 frames generated)
         (153, 2),  # 81 + 72 fills two chunks exactly
         (154, 3),
-        (250, 4),  # REFERENCE §3.8 example: 10 s → 4 chunks → 297 frames → trimmed to 250
+        (250, 4),  # docs/REFERENCE.md §3.8 example: 10 s → 4 chunks → 297 frames → trimmed to 250
         (1000, 14),  # 81 + 13·72 = 1017 ≥ 1000
     ],
 )

@@ -1,6 +1,6 @@
 """Where the model files come from: the tiny preset, explicit paths, a models folder (found by content) or the hub.
 
-Files in a models folder are classified by their tensor names (FORMATS.md §0), never by file name. Explicit paths
+Files in a models folder are classified by their tensor names (docs/FORMATS.md §0), never by file name. Explicit paths
 in `LoadOptions` always win. Without a folder or paths, the released repositories are fetched from the Hugging Face
 hub through huggingface_hub (standard cache, resumable downloads).
 """

@@ -9,9 +9,7 @@ planner's job (`infinite_talk.plan`), which refuses with the reason instead of f
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import OptionError
@@ -143,7 +141,7 @@ class GenerateOptions:
     def effective_color_correction(self) -> float:
         if self.color_correction is not None:
             return float(self.color_correction)
-        return 0.0 if self.video else 1.0  # REFERENCE D19: frame-0 matching fights scene changes in a video
+        return 0.0 if self.video else 1.0  # docs/REFERENCE.md D19: frame-0 matching fights scene changes in a video
 
     @property
     def effective_shift(self) -> float:
@@ -188,11 +186,3 @@ def from_dict(cls, data: dict[str, Any]):
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
-
-
-def load_json(cls, path: str | Path):
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise OptionError(f"cannot read options file {path}: {err}") from err
-    return from_dict(cls, data)

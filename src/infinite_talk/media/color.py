@@ -1,4 +1,4 @@
-"""Colour correction of decoded chunks against a reference frame (REFERENCE §3.7).
+"""Colour correction of decoded chunks against a reference frame (docs/REFERENCE.md §3.7).
 
 Every frame is converted to CIE Lab (skimage), each L/a/b channel is given the mean and standard deviation of the
 reference frame's channel (`(c − μ)·σ_ref/σ + μ_ref`; a flat channel takes μ_ref), converted back, clipped, and

@@ -1,8 +1,8 @@
-"""Reference image / video input, resolution buckets, resize + centre crop, person masks (REFERENCE §3.1, §3.10).
+"""Reference image / video input, buckets, resize + centre crop, person masks (docs/REFERENCE.md §3.1, §3.10).
 
 Images are read with PIL and validated by content; videos with PyAV. A `FrameSource` gives the frame shown at a
 time t (seconds) of the source at its own frame rate, reusing the last frame past the end (the product rule, not the
-reference's raw index, REFERENCE D13).
+reference's raw index, docs/REFERENCE.md D13).
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ def _parse_boxes(bbox, num_persons: int, h: int, w: int) -> list[PersonBox] | No
 
 def person_masks_source(height: int, width: int, num_persons: int = 1, bbox=None,
                         face_scale: float = 0.05) -> torch.Tensor:
-    """[3,H,W] float 0/1 masks in source pixels: person 1, person 2, background (REFERENCE §3.10)."""
+    """[3,H,W] float 0/1 masks in source pixels: person 1, person 2, background (docs/REFERENCE.md §3.10)."""
     if num_persons not in (1, 2):
         raise InputError(f"{num_persons} speakers given; InfiniteTalk supports 1 or 2 speakers")
     if num_persons == 1:

@@ -1,4 +1,4 @@
-"""MP4 output (H.264 yuv420p + AAC) and probing, via PyAV (REFERENCE §3.9 with D18 replaced).
+"""MP4 output (H.264 yuv420p + AAC) and probing, via PyAV (docs/REFERENCE.md §3.9 with D18 replaced).
 
 `write_mp4` takes uint8 frames [T,H,W,3] or an iterator of such chunks, so a long video can be written chunk by chunk
 without holding it; the soundtrack (any sample rate, 1–2 channels) is cut to the video duration T/fps and

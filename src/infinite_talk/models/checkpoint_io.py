@@ -41,7 +41,7 @@ def is_gguf(path: str | Path) -> bool:
 
 
 # GGUF tensor types read as plain tensors; every other supported type stays quantized (diffusers dequantizes it per
-# layer in GGUFLinear). The list is diffusers' SUPPORTED_GGUF_QUANT_TYPES (FORMATS.md §2.3).
+# layer in GGUFLinear). The list is diffusers' SUPPORTED_GGUF_QUANT_TYPES (docs/FORMATS.md §2.3).
 GGUF_PLAIN = ("F32", "F16", "BF16")
 
 

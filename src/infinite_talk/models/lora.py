@@ -1,4 +1,4 @@
-"""LoRA files for the InfiniteTalk transformer (FORMATS.md §9): read, validate by keys and shapes, merge or attach.
+"""LoRA files of the InfiniteTalk transformer (docs/FORMATS.md §9): read, check by keys and shapes, merge or attach.
 
 Accepted conventions, recognised per key (never by file name):
 
@@ -14,7 +14,7 @@ Accepted conventions, recognised per key (never by file name):
 Every key is resolved by exact lookup in a table built from the model itself (its parameter names and the released
 names of `transformer_loading`), so underscores inside names (`self_attn`, `k_img`) need no guessing.
 
-Maths (REFERENCE D3, which the reference gets wrong): `W ← W + s·(alpha/r)·(B @ A)`, r = rank = A.shape[0], alpha = r
+Maths (docs/REFERENCE.md D3; the reference gets it wrong): `W ← W + s·(alpha/r)·(B @ A)`, r = rank = A.shape[0], alpha = r
 when the file has none; `bias ← bias + s·diff_b`; `W ← W + s·diff`. s is the user's strength (default 1.0).
 
 Modes:
@@ -50,7 +50,7 @@ _KEY = re.compile(
     r"|(?P<single>alpha|diff_b|diff_m|diff))$"
 )
 _ROLE = {"lora_down": "down", "lora_A": "down", "lora_up": "up", "lora_B": "up"}
-# model width -> the model a mismatching LoRA was probably made for (FORMATS §1 dims)
+# model width -> the model a mismatching LoRA was probably made for (docs/FORMATS.md §1)
 _KNOWN_DIMS = {1536: "Wan 1.3B", 3072: "Wan2.2 5B", 4096: "LongCat", 5120: "Wan 14B"}
 
 

@@ -51,7 +51,7 @@ def tokenizer_not_weights(path) -> CheckpointError:
 
 
 def convert_t5_original_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Wan original umT5 names -> `UMT5EncoderModel` names (FORMATS §6)."""
+    """Wan original umT5 names -> `UMT5EncoderModel` names (docs/FORMATS.md §6)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key == "token_embedding.weight":

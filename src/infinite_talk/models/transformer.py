@@ -2,7 +2,7 @@
 
 The Wan backbone (patch embedding, time/text/image conditioning, self- and cross-attention blocks, head) is diffusers'
 `WanTransformer3DModel` and its `WanTransformerBlock` / `WanAttention` modules, so attention backends, caches, LoRA
-and offload hooks apply unchanged. Ours is what InfiniteTalk adds (REFERENCE.md §1.5–1.8):
+and offload hooks apply unchanged. Ours is what InfiniteTalk adds (docs/REFERENCE.md §1.5–1.8):
 
 * `AudioProjection` turns per-frame wav2vec2 windows into `context_tokens` audio tokens per latent frame;
 * each block gets `norm_x` + a frame-local audio cross-attention after the text/image cross-attention;
@@ -313,7 +313,7 @@ class InfiniteTalkTransformer(WanTransformer3DModel):
     _no_split_modules = ["InfiniteTalkBlock"]
     sequence_parallel = None  # parallel/sequence.py SequenceParallel: each process runs a slice of the tokens
     _repeated_blocks = ["InfiniteTalkBlock"]
-    # The reference keeps the time MLPs, modulation, norms and the head in float32 (REFERENCE §1.2).
+    # The reference keeps the time MLPs, modulation, norms and the head in float32 (docs/REFERENCE.md §1.2).
     _keep_in_fp32_modules = [
         "rope", "time_embedder", "time_proj", "scale_shift_table", "norm1", "norm2", "norm3", "norm_x", "proj_out",
         "audio_proj.norm",

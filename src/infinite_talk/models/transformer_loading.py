@@ -1,4 +1,4 @@
-"""Loading the InfiniteTalk transformer from every released layout, recognised by keys (FORMATS.md §0–§3).
+"""Loading the InfiniteTalk transformer from every released layout, recognised by keys (docs/FORMATS.md §0–§3).
 
 Accepted:
 * original Wan shards (`diffusion_pytorch_model-0000N-of-00007.safetensors`, original key names) + the InfiniteTalk
@@ -18,7 +18,6 @@ naming the file and the fix.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,14 +129,6 @@ class FilePlan:
         if not self.gguf:
             return {}
         return {mk: self.infos[fk].dtype for fk, mk in self.keys.items() if self.infos[fk].dtype not in GGUF_PLAIN}
-
-    @property
-    def has_adapter(self) -> bool:
-        return any(is_adapter_key(k) for k in self.keys.values())
-
-    @property
-    def has_base(self) -> bool:
-        return any(not is_adapter_key(k) for k in self.keys.values())
 
 
 def _normalise(key: str, prefix: str) -> str:
@@ -326,11 +317,6 @@ def _use_gguf_linears(model: InfiniteTalkTransformer, quantized: dict[str, str],
     _replace_with_gguf_linear(model, dtype, placeholders)
 
 
-def is_gguf_checkpoint(transformer: str | Path | list, adapter: str | Path | None = None) -> bool:
-    """Whether any transformer file is GGUF (by content)."""
-    return any(is_gguf(p) for p in resolve_transformer_files(transformer, adapter))
-
-
 def state_dict_in_original_layout(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A model state dict renamed to the released Wan/InfiniteTalk names."""
     return {model_to_original_key(k): v for k, v in model_state.items()}
@@ -360,7 +346,3 @@ def load_transformer_from_state_dict(
         target = torch.float32 if keeps_fp32(name) else dtype
         set_module_tensor_to_device(model, name, "cpu", value=tensor.to(target), dtype=target)
     return model.eval().requires_grad_(False)
-
-
-def iter_model_keys(geometry: Geometry) -> Iterable[str]:
-    return _expected_shapes(geometry).keys()

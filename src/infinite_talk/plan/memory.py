@@ -1,5 +1,5 @@
 """Memory plan: peak GPU and host memory of a request, estimated before loading, and the offload / VAE-tiling
-setting that fits (OPTIONS.md §2.6, §4.6).
+setting that fits (docs/OPTIONS.md §2.6, §4.6).
 
 How the numbers are made:
 
@@ -46,7 +46,7 @@ GIB = 2**30
 # A setting fits when estimate + headroom <= free memory. The estimate is allocated bytes; the allocator reserves
 # more (rounding, fragmentation, one pool per CUDA stream). Measured on an H200 at 480p with the default allocator
 # (benchmarks/results/memory_h200_480_bf16.json): reserved - allocated = 1.3-2.8 GiB, and blocks:36 under an
-# 11.25 GiB cap failed with 9.3 GiB allocated. Hence 10% (OPTIONS.md §4.6) but at least 2.5 GiB.
+# 11.25 GiB cap failed with 9.3 GiB allocated. Hence 10% (docs/OPTIONS.md §4.6) but at least 2.5 GiB.
 HEADROOM = 0.10
 ALLOCATOR_SLACK = 2.5 * 2**30
 # cuDNN convolution workspace of the VAE (allocated through PyTorch, invisible to a trace): the VAE phase measured

@@ -1,4 +1,4 @@
-"""Resolve the load options against what this machine can run, before any weights load (OPTIONS.md §4.2-4.3).
+"""Resolve the load options against what this machine can run, before any weights load (docs/OPTIONS.md §4.2-4.3).
 
 `resolve(load_options, caps)` returns a `Plan`: for each option `Resolved(requested, effective, reason)`, plus the
 concrete choices the model code uses (device, dtypes, quantization mode, diffusers attention backend). An explicit
@@ -16,11 +16,11 @@ Decisions (documented here because they are product behaviour):
 - quantization=nf4 uses torchao's NF4 tensor (the QLoRA format bitsandbytes also uses), which runs on CPU and GPU, so
   it is tested here; bitsandbytes is not used (CUDA-only kernels, not testable in CI).
 - attention=auto never picks 8-bit/4-bit attention (sageattn, sageattn_3): their quality is not yet checked on the
-  golden clip (OPTIONS §2.6), so they run only when requested. Our Triton 8-bit kernels (sage8_triton: INT8 Q·K +
-  FP8 P·V; sage8_triton_bf16pv: INT8 Q·K + BF16 P·V) run only when requested too: measured on an H200 at the 480p
-  shape they are slower than FlashAttention-3 (0.72x / 0.66x) and SDPA, and their attention error against float32
-  (0.039-0.042 / 0.017-0.032) misses the 0.03 gate on peaky attention (benchmarks/results/attention_sage8_h200.json).
-  An explicit request runs where the probe's micro-test passed (GPU gate, Triton, accuracy), else is refused. Orders (fastest first, PERFORMANCE.md §3/§8):
+  golden clip (docs/OPTIONS.md §2.6), so they run only when requested. Our Triton 8-bit kernels (sage8_triton:
+  INT8 Q·K + FP8 P·V; sage8_triton_bf16pv: INT8 Q·K + BF16 P·V) run only when requested too: on an H200 at the 480p
+  shape they are slower than FlashAttention-3 and miss the 0.03 attention-error gate on peaky attention
+  (benchmarks/results/attention_sage8_h200.json). An explicit request runs where the probe's micro-test passed (GPU
+  gate, Triton, accuracy), else is refused. Orders (fastest first, docs/PERFORMANCE.md §3, §8):
   Hopper: flash_attn_3 (flash_attn_interface, else the fa3-fwd wheel) > sdpa-cudnn > sdpa-flash > flash_attn_2 > sdpa-efficient > sdpa-math;
   Blackwell (no FA3 there): sdpa-cudnn > sdpa-flash > flash_attn_2 > ...;
   Ampere/Ada: sdpa-flash > flash_attn_2 > sdpa-cudnn > ... (inferred: cuDNN attention is only measured on Hopper).

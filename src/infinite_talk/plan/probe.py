@@ -1,4 +1,4 @@
-"""What this machine can run: hardware, versions and a functional micro-test per kernel (OPTIONS.md §4.1).
+"""What this machine can run: hardware, versions and a functional micro-test per kernel (docs/OPTIONS.md §4.1).
 
 `probe()` runs once per process and is cached. Every kernel/library entry is a `Kernel(available, reason, version)`:
 `available` is True only when the package imports, the hardware gate passes AND a tiny call matches a float32

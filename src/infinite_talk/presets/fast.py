@@ -1,6 +1,6 @@
 """Fast mode (`--mode fast`): a step-distilled LoRA, 4 steps, 1 pass per step, fp8 where it runs fp8 matmuls.
 
-A preset is a set of starting values, never applied silently (OPTIONS.md §3):
+A preset is a set of starting values, never applied silently (docs/OPTIONS.md §3):
 
 * `apply_mode(load_values, generate_values)` fills the values the user did *not* give (the dicts hold only explicit
   values: CLI flags, API/JSON fields, UI fields the user touched). Front ends call it before building
@@ -8,7 +8,7 @@ A preset is a set of starting values, never applied silently (OPTIONS.md §3):
 * `plan_lines(load, request)` says what fast mode set and where the user's own values differ ("yours"); the pipeline
   puts these lines in the load plan and the request plan (and so in the sidecar).
 
-The values (OPTIONS §3, "lightx2v (native list)"): the lightx2v I2V cfg-step-distill LoRA's own schedule
+The values (docs/OPTIONS.md §3, "native list"): the lightx2v I2V cfg-step-distill LoRA's own schedule
 `distill4` ([1000, 750, 500, 250] warped with shift 5, then 0), text and audio scale 1 (one `cond` pass per step: the
 LoRA is CFG-distilled), and fp8 weights with fp8 matmuls (`quantization=fp8` resolving to fp8-compute). Where fp8
 would only store weights (CPU, GPUs below sm_89) it saves memory but costs time, so fast mode leaves quantization

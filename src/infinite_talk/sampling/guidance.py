@@ -1,4 +1,4 @@
-"""Classifier-free guidance over the text and audio conditions (REFERENCE §3.5, OPTIONS §2.4 pass rule).
+"""Classifier-free guidance over the text and audio conditions (docs/REFERENCE.md §3.5, docs/OPTIONS.md §2.4).
 
 Passes (each one model call per step):
 
@@ -24,7 +24,6 @@ import torch
 
 from infinite_talk.errors import OptionError
 
-PASS_NAMES = ("cond", "drop_text", "uncond", "drop_audio")
 APG_MOMENTUM = -0.75
 APG_NORM_THRESHOLD = 55.0
 

@@ -1,4 +1,4 @@
-"""The streaming chunk loop (REFERENCE.md §3.3): 81-frame chunks, 9 context frames, 72 new frames per chunk.
+"""The streaming chunk loop (docs/REFERENCE.md §3.3): 81-frame chunks, 9 context frames, 72 new frames per chunk.
 
 Per chunk k: the audio windows of `ChunkPlan.window(k)`; fresh noise; the keyframe (the still image, or the source
 video's frame at the chunk's time) gives the CLIP tokens and the reference latent y = VAE([keyframe, 80 zero
@@ -133,7 +133,7 @@ class ChunkLoop:
             n_motion = motion.shape[1]
 
             audio = plan.window(k, cond.audio_embeddings).to(dev, dtype)
-            silent = torch.zeros_like(audio[-1:])  # null audio: one person of zeros (REFERENCE §3.5)
+            silent = torch.zeros_like(audio[-1:])  # null audio: one person of zeros (docs/REFERENCE.md §3.5)
             inputs = {
                 "cond": (prompt, audio), "drop_text": (negative, audio),
                 "uncond": (negative, silent), "drop_audio": (prompt, silent),

@@ -1,10 +1,10 @@
 """Timestep schedules and solvers of the sampling loop.
 
-`euler` is the reference sampler (REFERENCE §3.4): timesteps `linspace(1000, 1, steps)` + [0] in float32, each shifted
+`euler` is the reference sampler (docs/REFERENCE.md §3.4): `linspace(1000, 1, steps)` + [0] in float32, each shifted
 by `t' = 1000·s·σ/(1+(s−1)·σ)` (σ = t/1000), and the update `x ← x − v·(t'_i − t'_{i+1})/1000`.
 
 `unipc` and `dpm++` are the diffusers flow-matching multistep solvers (flow prediction, flow sigmas, same shift).
-`distill4` is the fixed 4-step list `[1000, 750, 500, 250]` warped with the shift, then Euler to 0 (OPTIONS §3).
+`distill4` is the fixed 4-step list `[1000, 750, 500, 250]` warped with shift, then Euler to 0 (docs/OPTIONS.md §3).
 
 A `Sampler` is stateful for the multistep solvers: make a fresh one (or call `reset()`) for every chunk, and call
 `step(pred, i, latent)` for i = 0, 1, …, len(timesteps)−1 in order. Exactly `len(sampler.timesteps)` model

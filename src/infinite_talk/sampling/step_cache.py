@@ -1,9 +1,9 @@
 """Step caches: skip the 40 transformer blocks on steps whose input barely changed, reusing the last residual.
 
 Two kinds, both keyed by guidance pass so that passes never share state (the reference's TeaCache lives on the class
-and assigns branches by a forward counter `cnt % 3`, which breaks with 2 passes: REFERENCE D2, MeiGen#87):
+and assigns branches by a forward counter `cnt % 3`, which breaks with 2 passes: docs/REFERENCE.md D2, MeiGen#87):
 
-* `teacache` — the reference's TeaCache (REFERENCE §3.6, `use_ret_steps` mode). Per pass: the relative L1 change of
+* `teacache` — reference TeaCache (docs/REFERENCE.md §3.6, `use_ret_steps` mode). Per pass: the relative L1 change of
   the time-projection output e0 since that pass's previous call, rescaled by the reference polynomial for the 480 or
   720 tier, is accumulated; while the sum stays below the threshold the blocks are skipped and the pass's cached
   residual (blocks output − blocks input) is added instead; otherwise the blocks run and the sum restarts at 0. The
@@ -31,7 +31,7 @@ from ..errors import OptionError
 
 KINDS = ("off", "teacache", "firstblock")
 DEFAULT_THRESHOLD = {"teacache": 0.2, "firstblock": 0.05}
-# REFERENCE §3.6: `use_ret_steps` rescaling polynomials of the e0 distance (highest degree first), by resolution tier.
+# docs/REFERENCE.md §3.6: `use_ret_steps` rescaling polynomials of the e0 distance (highest degree first), by tier.
 TEACACHE_COEFFICIENTS = {
     480: (2.57151496e05, -3.54229917e04, 1.40286849e03, -1.35890334e01, 1.32517977e-01),
     720: (8.10705460e03, 2.13393892e03, -3.72934672e02, 1.66203073e01, -4.17769401e-02),

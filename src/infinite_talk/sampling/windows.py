@@ -1,4 +1,4 @@
-"""Chunk bookkeeping of the streaming loop (REFERENCE §3.3, §3.8).
+"""Chunk bookkeeping of the streaming loop (docs/REFERENCE.md §3.3, §3.8).
 
 Every chunk generates `frame_num` (81) frames; the first `motion_frames` (9) of chunk k ≥ 1 are context frames taken
 from the end of chunk k−1, so each later chunk adds `stride` = 72 new frames. Chunk k covers the audio frames
@@ -13,7 +13,7 @@ Reference rules reproduced here:
 * the output is chunk 0's 81 frames followed by frames 9…80 of every later chunk, cut to `max_frames`, and, when
   any track was padded, to the original length of the last person's track.
 
-Product differences (REFERENCE §0): audio of ≤ 81 frames is accepted (D7) — one chunk whose windows are padded as a
+Ours (docs/REFERENCE.md §0): audio of ≤ 81 frames is accepted (D7) — one chunk whose windows are padded as a
 last chunk, output trimmed to the audio length; `max_frames` defaults to no cap (D4); the keyframe of chunk k is
 requested by time, `audio_start/25 s`, not by raw source-frame index (D13; `keyframe_time`).
 """

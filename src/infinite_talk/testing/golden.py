@@ -3,7 +3,7 @@
     python -m infinite_talk.testing.golden DIR [DIR ...] [--component NAME ...]
 
 Every folder (at any depth) under the given directories that holds a `case.json` is a case (format:
-shared/golden/README.md). For each case the component's implementation runs on the case's weights and inputs and
+tests/data/golden/README.md). For each case the component's code runs on the case's weights and inputs and
 every `compare` key is checked: ||ours - expected||_2 / ||expected||_2 <= tolerance. One line per case, then
 `N passed, M failed, K skipped`. The exit status is 1 when any case failed.
 """
