@@ -192,7 +192,7 @@ def test_cli_reference_input_json(cache, tmp_path, wav5, capsys):
                      str(tmp_path / "j.mp4")])
     assert code == 0
     sidecar = json.loads((tmp_path / "j.json").read_text())
-    assert sidecar["inputs"]["prompt"] == "A woman is talking"
+    assert sidecar["requested"]["prompt"] == "A woman is talking"
     spec["cond_audio"] = {"person1": str(wav5), "person2": str(wav5), "person3": str(wav5)}
     path.write_text(json.dumps(spec))
     code = cli_main(["generate", "--preset", "tiny", "--input-json", str(path), "--out", str(tmp_path / "k.mp4")])

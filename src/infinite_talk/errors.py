@@ -27,3 +27,8 @@ class NotLoadedError(InfiniteTalkError):
 
 class CancelledError(InfiniteTalkError):
     """The user cancelled a running job; finished chunks are kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run: `str(err)` says exactly what was kept (the path of the finished frames, or that
+    no video was written). A KeyboardInterrupt, so that every caller still stops."""

@@ -14,18 +14,15 @@ call broke off) fails the job with its message; then the worker runs no more job
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import CancelledError, InfiniteTalkError
+from ..media.frames_hash import FramesHash, hashed
 from ..options import GenerateOptions
 from ..parallel.launch import PeerError
 from .checkpoint import JobCheckpoint
@@ -89,9 +86,9 @@ class Worker(threading.Thread):
         folder = self.store.folder(job.id)
         checkpoint = JobCheckpoint(folder)
         resume = checkpoint.load()
-        digest = hashlib.sha256()  # over every generated frame in order, earlier chunks included when resuming
+        digest = FramesHash()  # over every generated frame in order, earlier chunks included when resuming
         if resume is not None:
-            resume.earlier_frames = _hashed(resume.earlier_frames, digest)
+            resume.earlier_frames = hashed(resume.earlier_frames, digest)
         plan = dict(job.plan)
         plan["load"] = {"lines": (self.pipeline.load_plan or {}).get("lines", []), "worker": self.name}
         self.store.update(job.id, plan=plan, error=None, resumed_from_chunk=resume.next_chunk if resume else None)
@@ -116,7 +113,7 @@ class Worker(threading.Thread):
 
         def on_checkpoint(state, frames) -> None:
             checkpoint.save(state, frames)
-            digest.update(np.ascontiguousarray(frames).tobytes())
+            digest.update(frames)
             self.store.update(job.id, chunks_done=state.next_chunk, seed=state.seed)
 
         try:
@@ -173,8 +170,3 @@ class Worker(threading.Thread):
         checkpoint.clear()
         log.info("%s: job %s %s: %s", self.name, job.id, state, error)
 
-
-def _hashed(frames: Iterable[np.ndarray], digest) -> Iterator[np.ndarray]:
-    for chunk in frames:
-        digest.update(np.ascontiguousarray(chunk).tobytes())
-        yield chunk
