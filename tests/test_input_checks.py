@@ -5,6 +5,7 @@ say what exists; a prompt cut at the encoder's limit is stated; library noise is
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -115,6 +116,17 @@ def test_unwritable_or_wrong_outputs_are_refused_before_loading(tmp_path, capsys
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".infinite-talk-probe")]  # probe removed
 
 
+def test_a_read_only_output_folder_is_refused_before_loading(tmp_path, capsys, loader_calls, one_second,
+                                                             monkeypatch):
+    def read_only(*args, **kwargs):  # what a read-only mount answers (root ignores permission bits)
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(request_check.tempfile, "mkstemp", read_only)
+    _refused(capsys, loader_calls, ["--image", PORTRAIT, "--audio", str(one_second)],
+             f"a test file cannot be written in {tmp_path} (Read-only file system)", tmp_path / "new" / "o.mp4")
+    assert not (tmp_path / "new").exists()  # a missing output folder is made only for a run that starts
+
+
 def test_a_full_disk_is_refused_with_the_estimate(tmp_path, capsys, loader_calls, one_second, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(request_check.shutil, "disk_usage", lambda p: usage(10 * 2**20, 9 * 2**20, 2**20))
@@ -188,7 +200,8 @@ def test_interrupt_during_sampling_keeps_a_valid_video_and_says_where(cache, tmp
     out = tmp_path / "o.mp4"
     code, err, _ = _cli(["--image", PORTRAIT, "--audio", str(one_second), *FAST, "--out", str(out)], capsys)
     assert code == 130, err
-    assert f"interrupted: interrupted (Ctrl-C / SIGINT); the 9 finished frames are kept in {out}" in err
+    assert err.splitlines()[-1] == (f"interrupted (Ctrl-C / SIGINT); the 9 finished frames are kept in {out}; the "
+                                    f"record is in {out.with_suffix('.json')}")
     assert probe_media(out).frames == 9  # a valid mp4 of the first chunk
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["status"] == "interrupted" and "KeyboardInterrupt" not in json.dumps(sidecar)

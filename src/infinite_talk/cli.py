@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:  # stopped during generation: the message says what was kept
-        print(f"interrupted: {err}", file=sys.stderr)
+        print(str(err), file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted before any frame was generated; no video was written", file=sys.stderr)

@@ -135,14 +135,17 @@ def check_output(out: str | None, inputs: list[str], needed_bytes: int = 0) -> t
         finally:
             os.close(fd)
             os.unlink(probe)
-        for target in (path, sidecar):  # existing files are replaced: they must be writable (opened, not changed)
-            if target.exists():
+    except OSError as err:
+        raise InputError(f"{path}: cannot write the output: a test file cannot be written in {folder} "
+                         f"({err.strerror or err}); choose a folder you can write to") from None
+    for target in (path, sidecar):  # existing files are replaced: they must be writable (opened, not changed)
+        if target.exists():
+            try:
                 with open(target, "ab"):
                     pass
-    except OSError as err:
-        where = err.filename or folder
-        raise InputError(f"{path}: cannot write the output ({where}: {err.strerror or err}); choose a folder you "
-                         "can write to") from None
+            except OSError as err:
+                raise InputError(f"{path}: cannot write the output: {target} exists and cannot be replaced "
+                                 f"({err.strerror or err}); choose another output path") from None
     free = shutil.disk_usage(folder).free
     if needed_bytes > free:
         raise InputError(f"{path}: the run writes about {needed_bytes / 2**20:,.0f} MiB but {folder} has "
