@@ -249,6 +249,23 @@ def test_an_interrupted_run_records_what_exists_and_a_failure_names_the_kept_fil
     assert probe_media(tmp_path / "f.mp4").frames == 9
 
 
+def test_a_video_that_cannot_be_finished_is_reported_not_claimed(pipe, tmp_path, one_second, monkeypatch):
+    from infinite_talk.media.mp4 import Mp4Writer
+
+    def disk_full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Mp4Writer, "close", disk_full)
+    out = tmp_path / "full.mp4"
+    request = GenerateOptions(image=PORTRAIT, audio=str(one_second), steps=1, frame_num=9, motion_frames=1, seed=3,
+                              out=str(out))
+    with pytest.raises(InputError, match=r"the 25 generated frames could not be saved: .*full\.mp4 could not be "
+                                         r"finished \(OSError: .*No space left on device\)"):
+        pipe.generate(request)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["status"] == "failed" and sidecar["output"]["video_saved"] is False
+
+
 def test_library_noise_is_filtered_and_other_warnings_still_show():
     filter_library_noise()
 

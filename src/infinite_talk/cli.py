@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return ns.func(ns)
     except InfiniteTalkError as err:
-        print(f"error: {err}", file=sys.stderr)
+        notes = "; ".join(getattr(err, "__notes__", ()))  # e.g. what a run that failed midway kept
+        print(f"error: {err}" + (f"; {notes}" if notes else ""), file=sys.stderr)
         return 2
     except Interrupted as err:  # stopped during generation: the message says what was kept
         print(str(err), file=sys.stderr)

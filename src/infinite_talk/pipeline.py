@@ -331,7 +331,7 @@ class InfiniteTalkPipeline:
                                          video[:, -request.motion_frames:][None].clone(), stats),
                               frames.numpy() if isinstance(frames, torch.Tensor) else frames)
 
-        status, error, out_of_memory, peer_error, interrupted = "completed", None, None, None, False
+        status, error, out_of_memory, peer_error, interrupted, failure = "completed", None, None, None, False, None
         t = time.monotonic()
         start_chunk, context = 0, None
         try:
@@ -350,34 +350,39 @@ class InfiniteTalkPipeline:
         except KeyboardInterrupt:  # Ctrl-C: the finished frames are kept; raised below as Interrupted
             status, error, interrupted = "interrupted", "interrupted (Ctrl-C / SIGINT)", True
         except BaseException as err:
-            status, error = "failed", f"{type(err).__name__}: {err}"
-            err.add_note(_kept_text(written["frames"], out_path))
+            status, error, failure = "failed", f"{type(err).__name__}: {err}", err
             raise
         finally:
             timings["sampling_s"] = time.monotonic() - t
-            if written["frames"]:
-                writer.close()
-            else:
-                writer.abort()
+            video_error = _finish_video(writer, written["frames"])
+            kept = _kept_text(written["frames"], out_path, video_error)
+            if failure is not None:
+                failure.add_note(kept)
+            elif video_error is not None:
+                status, error = "failed", f"the video could not be finished: {video_error}"
             timings["total_s"] = time.monotonic() - started
             sidecar = self._sidecar(request, seed, plan_info, chunks, loop, timings, status, error, written["frames"],
                                     source, persons, target, checked, soundtrack_record, prompt_tokens)
             sidecar["output"]["frames_sha256"] = digest.hexdigest()
+            sidecar["output"]["video_saved"] = bool(written["frames"]) and video_error is None
             if start_chunk:
                 sidecar["output"]["resumed_from_chunk"] = start_chunk
             sidecar_path = out_path.with_suffix(".json")
             sidecar_error = _write_sidecar(sidecar_path, sidecar)
         if sidecar_error is not None:
-            kept = _kept_text(written["frames"], out_path)
             raise InputError(f"{sidecar_path}: the run's record could not be written ({sidecar_error}); {kept}")
         if interrupted:
-            raise Interrupted(f"{error}; {_kept_text(written['frames'], out_path)}; the record is in {sidecar_path}")
+            raise Interrupted(f"{error}; {kept}; the record is in {sidecar_path}")
         if status == "cancelled":
-            raise CancelledError(f"{error}; {_kept_text(written['frames'], out_path)}")
+            raise CancelledError(f"{error}; {kept}")
         if out_of_memory is not None:  # raised outside the except clause: the failed call's tensors are freed
+            if video_error is not None:
+                out_of_memory.add_note(kept)
             raise out_of_memory
         if peer_error is not None:
-            raise PeerError(f"{peer_error}; {_kept_text(written['frames'], out_path)}")
+            raise PeerError(f"{peer_error}; {kept}")
+        if video_error is not None:
+            raise InputError(f"{out_path}: {kept}; the record is in {sidecar_path}")
         return GenerateResult(out_path, sidecar_path, written["frames"], written["frames"] / FPS, seed, sidecar)
 
     def _sidecar(self, request, seed, plan_info, chunks, loop, timings, status, error, frames, source, persons,
@@ -525,11 +530,26 @@ def _refuse_double_quantization(plan, files: ModelFiles) -> None:
                           "files, or a .safetensors model to quantize")
 
 
-def _kept_text(frames: int, out_path: Path) -> str:
+def _finish_video(writer: Mp4Writer, frames: int) -> str | None:
+    """Close the mp4 (or drop it when no frame was made); the reason when it cannot be finished (a full disk)."""
+    try:
+        if frames:
+            writer.close()
+        else:
+            writer.abort()
+    except Exception as err:  # OSError / av.error.*: the container's index could not be written
+        writer.abort()
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _kept_text(frames: int, out_path: Path, video_error: str | None = None) -> str:
     """What a run that stopped early leaves behind, in words."""
-    if frames:
-        return f"the {frames} finished frames are kept in {out_path}"
-    return "no frame was finished, so no video was written"
+    if not frames:
+        return "no frame was finished, so no video was written"
+    if video_error is not None:
+        return f"the {frames} generated frames could not be saved: {out_path} could not be finished ({video_error})"
+    return f"the {frames} finished frames are kept in {out_path}"
 
 
 def _write_sidecar(path: Path, sidecar: dict) -> str | None:
