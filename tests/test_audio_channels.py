@@ -174,7 +174,7 @@ def test_a_30_minute_7_channel_file_is_validated_in_bounded_memory(tmp_path):
     assert result["control"] >= result["control_bytes"] > 100 * 2**20
 
 
-@pytest.mark.parametrize("kind,channels", [("opus", 64), ("flac", 8), ("wav", 16)])
+@pytest.mark.parametrize("kind,channels", CASES)
 def test_generate_runs_multichannel_speech_with_a_mono_soundtrack(cache, files, tmp_path, kind, channels, capsys):
     out = tmp_path / "o.mp4"
     code = cli_main(["generate", "--preset", "tiny", "--image", str(EXAMPLES / "portrait.png"),

@@ -21,6 +21,7 @@ VIDEO_FPS = 25
 MIN_SAMPLES = SAMPLE_RATE // VIDEO_FPS  # one video frame of audio (640 samples = 40 ms)
 MAX_CHANNELS = 64  # FFmpeg's resampler converts at most 64 channels
 MAX_RATE = 768_000  # FFmpeg's own upper bound for audio sample rates
+MAX_PREALLOCATED_S = 4 * 3600  # a header's duration is believed up to this many seconds when sizing the buffer
 _FIX = "use a wav/mp3/flac/m4a/ogg file or a video with an audio track"
 
 
@@ -137,16 +138,44 @@ def _check_length(path: Path, n: int, rate: int) -> None:
         )
 
 
+class _Track:
+    """A growing float32 [c, n] buffer: filled block by block in place (no list of blocks joined at the end, which
+    would hold the track twice)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(capacity, 1)
+        self.data: np.ndarray | None = None
+        self.n = 0
+
+    def append(self, block: np.ndarray) -> None:
+        need = self.n + block.shape[1]
+        if self.data is None:
+            self.data = np.empty((block.shape[0], max(self.capacity, need)), np.float32)
+        elif need > self.data.shape[1]:
+            grown = np.empty((self.data.shape[0], max(need, self.data.shape[1] * 3 // 2)), np.float32)
+            grown[:, :self.n] = self.data[:, :self.n]
+            self.data = grown
+        self.data[:, self.n:need] = block
+        self.n = need
+
+    def result(self) -> np.ndarray:
+        return np.zeros((1, 0), np.float32) if self.data is None else self.data[:, :self.n]
+
+
 def _collect(path: Path, rate_out: int | None, keep_stereo: bool) -> tuple[np.ndarray, int]:
     """The whole track as one float32 [c, n] array (c = 1, or 2 for a kept stereo track), and its rate."""
     path = Path(path)
-    chunks = []
+    with _open(path) as container:
+        stream, rate, _ = _stream_params(path, container)
+        declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else (
+            container.duration / 1e6 if container.duration else 0.0)
+    rate = rate_out or rate
+    # sized from the header (pages are only used as they are filled; a false header just means regrowing)
+    track = _Track(int(min(declared, MAX_PREALLOCATED_S) * rate) + rate)
     for block in _blocks(path, rate_out, keep_stereo):
         _check_block(path, block)
-        chunks.append(block)
-    with _open(path) as container:
-        rate = rate_out or _stream_params(path, container)[1]
-    data = np.concatenate(chunks, axis=1) if chunks else np.zeros((1, 0), np.float32)
+        track.append(block)
+    data = track.result()
     _check_length(path, data.shape[1], rate)
     return data, rate
 
