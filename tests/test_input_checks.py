@@ -23,7 +23,7 @@ from PIL import Image
 import infinite_talk.media.request_check as request_check
 import infinite_talk.pipeline as pipeline_module
 from infinite_talk.cli import main as cli_main
-from infinite_talk.errors import InputError, Interrupted
+from infinite_talk.errors import InputError, Interrupted, StorageError
 from infinite_talk.library_messages import filter_library_noise
 from infinite_talk.media.frames import check_boxes, read_image
 from infinite_talk.media.mp4 import probe_media
@@ -133,6 +133,8 @@ def test_a_full_disk_is_refused_with_the_estimate(tmp_path, capsys, loader_calls
     _refused(capsys, loader_calls, ["--image", PORTRAIT, "--audio", str(one_second)],
              "the run writes about 17 MiB but", tmp_path / "o.mp4")
     request = GenerateOptions(image=PORTRAIT, audio=str(one_second), out=str(tmp_path / "o.mp4"))
+    with pytest.raises(StorageError, match="free some space"):  # a service may retry this one later
+        request_check.check_request(request)
     monkeypatch.undo()
     plain = request_check.check_request(request)
     kept = request_check.check_request(request, checkpoint=True)  # the service keeps raw frames per chunk

@@ -5,7 +5,8 @@ checks call `check_reference` / `check_audio`) and `InfiniteTalkPipeline.generat
 read, in bounded memory: the reference picture (at most `frames.MAX_PIXELS`) or a video's header and first frame,
 every audio file streamed frame by frame (`media.audio.scan_audio`: channels, rate, length, corruption), the boxes
 against the reference, and the output: its folder writable (a probe file is created and removed) and the free disk
-against an estimate of what the run writes. Every refusal is an `InputError` naming the file and the fix.
+against an estimate of what the run writes. Every refusal is an `InputError` naming the file and the fix (a
+`StorageError` when the output's storage cannot take the run now: a service may retry those).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, StorageError
 from ..options import GenerateOptions
 from ..sampling.windows import FPS
 from .audio import SAMPLE_RATE, AudioInfo, scan_audio
@@ -136,7 +137,7 @@ def check_output(out: str | None, inputs: list[str], needed_bytes: int = 0) -> t
             os.close(fd)
             os.unlink(probe)
     except OSError as err:
-        raise InputError(f"{path}: cannot write the output: a test file cannot be written in {folder} "
+        raise StorageError(f"{path}: cannot write the output: a test file cannot be written in {folder} "
                          f"({err.strerror or err}); choose a folder you can write to") from None
     for target in (path, sidecar):  # existing files are replaced: they must be writable (opened, not changed)
         if target.exists():
@@ -148,7 +149,7 @@ def check_output(out: str | None, inputs: list[str], needed_bytes: int = 0) -> t
                                  f"({err.strerror or err}); choose another output path") from None
     free = shutil.disk_usage(folder).free
     if needed_bytes > free:
-        raise InputError(f"{path}: the run writes about {needed_bytes / 2**20:,.0f} MiB but {folder} has "
+        raise StorageError(f"{path}: the run writes about {needed_bytes / 2**20:,.0f} MiB but {folder} has "
                          f"{free / 2**20:,.0f} MiB free; free some space, choose another folder, or shorten the run "
                          "(max_seconds)")
     return path, free
