@@ -284,6 +284,8 @@ def test_library_noise_is_filtered_and_other_warnings_still_show():
     assert shown("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects. This "
                  "may affect loading checkpoints serialized with `torchao`") is None
     assert shown("diffusers.models.modeling_utils", "some other warning") == "some other warning"
+    assert shown("torchao.kernel.intmm", "Warning: Detected no triton, on systems without Triton certain kernels "
+                 "will not work").startswith("note: Triton is not installed")
     assert shown("torchao", "Skipping import of cpp extensions due to incompatible torch version. Please upgrade to "
                  "torch >= 2.11.0 (found 2.10).").startswith("note: the installed torchao does not match this torch")
 

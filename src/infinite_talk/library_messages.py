@@ -21,6 +21,10 @@ RULES: tuple[tuple[str, str, str | None], ...] = (
     ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects", None),
     # torchao registers Enums with torch's pytree; a deprecation addressed to torchao's developers
     ("torch.utils._pytree", "%s is an Enum subclass", None),
+    # torchao without Triton: its Triton matmul kernels are off; on a GPU the user can install it
+    ("torchao.kernel.intmm", "Warning: Detected no triton",
+     "note: Triton is not installed, so torchao's Triton kernels are unavailable (the plan shows what runs instead); "
+     "on a CUDA machine, pip install triton to use them"),
     # the plan line 'attention: ... → ...' already says which attention backend runs
     ("diffusers.models.modeling_utils", "Attention backends are an experimental feature", None),
 )
