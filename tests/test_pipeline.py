@@ -238,7 +238,7 @@ def test_cli_reference_input_json(cache, tmp_path, clips, capsys):
                      "--out", str(tmp_path / "j.mp4")])
     assert code == 0
     sidecar = json.loads((tmp_path / "j.json").read_text())
-    assert sidecar["inputs"]["prompt"] == "A woman is talking"
+    assert sidecar["requested"]["prompt"] == "A woman is talking"
     spec["cond_audio"] = {"person1": str(clips["s1_1s"]), "person2": str(clips["s1_1s"]),
                           "person3": str(clips["s1_1s"])}
     path.write_text(json.dumps(spec))

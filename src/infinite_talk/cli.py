@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import get_origin, get_type_hints
 
-from .errors import InfiniteTalkError, InputError
+from .errors import InfiniteTalkError, InputError, Interrupted
+from .library_messages import filter_library_noise
 from .options import GenerateOptions, LoadOptions
 
 _CLI_NAMES = {"t5_tokenizer": "t5-tokenizer"}
@@ -133,9 +134,8 @@ def _generate_options(ns: argparse.Namespace) -> tuple[LoadOptions, GenerateOpti
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
+    from .media.request_check import check_request
     from .parallel.launch import world_from_env
-    from .pipeline import InfiniteTalkPipeline
-    from .presets.fast import plan_lines as mode_lines
 
     world = world_from_env()
     if not world.is_leader:  # another process of a torchrun job: runs rank 0's transformer calls, writes nothing
@@ -143,6 +143,14 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
         return run_follower(lambda: _generate_options(ns)[0], world, ns.debug, ns.dry_run)
     load, request = _generate_options(ns)
+    checked = None
+    if not ns.dry_run:  # every input and the output, before the model libraries are even imported
+        checked = check_request(request)
+        for note in checked.notes:
+            print("note: " + note, file=sys.stderr)
+    from .pipeline import InfiniteTalkPipeline
+    from .presets.fast import plan_lines as mode_lines
+
     pipe = InfiniteTalkPipeline()
     if ns.dry_run:
         print(json.dumps({**pipe.plan_request(request), "mode_lines": mode_lines(load, request)}, indent=2))
@@ -160,6 +168,9 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     finally:
         pipe.release_processes()  # a torchrun job's other processes stop with rank 0
     eff = result.sidecar["effective"]
+    for note in result.sidecar.get("notes", []):
+        if note not in checked.notes:
+            print("note: " + note, file=sys.stderr)
     print(f"wrote {result.video_path} ({result.frames} frames, {result.duration_s:.2f} s, seed {result.seed}, "
           f"{eff['scheduler']} {eff['steps']} steps × {eff['passes_per_step']} passes) and {result.sidecar_path}")
     return 0
@@ -201,21 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    filter_library_noise()
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
         return ns.func(ns)
     except InfiniteTalkError as err:
-        print(f"error: {err}", file=sys.stderr)
+        notes = "; ".join(getattr(err, "__notes__", ()))  # e.g. what a run that failed midway kept
+        print(f"error: {err}" + (f"; {notes}" if notes else ""), file=sys.stderr)
         return 2
+    except Interrupted as err:  # stopped during generation: the message says what was kept
+        print(str(err), file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted; finished chunks are kept in the output file", file=sys.stderr)
+        print("interrupted before any frame was generated; no video was written", file=sys.stderr)
         return 130
     except Exception as err:
         if ns.debug:
             raise
-        print(f"internal error: {type(err).__name__}: {err} (run with --debug for details and report it)",
-              file=sys.stderr)
+        notes = "; ".join(getattr(err, "__notes__", ()))
+        print(f"internal error: {type(err).__name__}: {err} (run with --debug for details and report it)"
+              + (f"; {notes}" if notes else ""), file=sys.stderr)
         return 1
 
 

@@ -27,3 +27,13 @@ class NotLoadedError(InfiniteTalkError):
 
 class CancelledError(InfiniteTalkError):
     """The user cancelled a running job; finished chunks are kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run: `str(err)` says exactly what was kept (the path of the finished frames, or that
+    no video was written). A KeyboardInterrupt, so that every caller still stops."""
+
+
+class StorageError(InputError):
+    """The output's storage cannot take the run now (the folder cannot be written, too little free disk). For a
+    long-running service this may pass (space freed, a mount back): a caller may retry instead of failing the job."""

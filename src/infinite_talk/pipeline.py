@@ -19,11 +19,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import CancelledError, InputError, NotLoadedError, OptionError
+from .errors import CancelledError, InputError, Interrupted, NotLoadedError, OptionError
 from .media.audio import load_audio, load_audio_original, loudness_normalize
 from .media.color import ColorMatcher, color_correct
 from .media.frames import FrameSource, bucket_for, person_masks, resize_and_centercrop
-from .media.mp4 import Mp4Writer, frames_to_uint8
+from .media.frames_hash import FramesHash, hashed
+from .media.mp4 import Mp4Writer, frames_to_uint8, soundtrack_rate
+from .media.request_check import CheckedRequest, check_request
 from .model_files import ModelFiles, resolve_model_files
 from .models.configs import Geometry
 from .models.lora import apply_loras
@@ -204,16 +206,23 @@ class InfiniteTalkPipeline:
 
     # ---------------------------------------------------------------------------------------------- generation
 
-    def _audio_tracks(self, request: GenerateOptions) -> tuple[list[np.ndarray], tuple[np.ndarray, int]]:
-        """16 kHz loudness-normalised model tracks per person, and the soundtrack to mux."""
-        if not request.audio:
-            raise InputError("no speech audio given: pass --audio PATH (wav/mp3/flac/m4a/ogg or a video)")
+    def _audio_tracks(self, request: GenerateOptions, checked: CheckedRequest
+                      ) -> tuple[list[np.ndarray], tuple[np.ndarray, int], dict]:
+        """16 kHz loudness-normalised model tracks per person, the soundtrack to mux (1 or 2 channels at a rate AAC
+        takes), and what became of the soundtrack (for the sidecar)."""
         paths = [request.audio] + ([request.audio2] if request.audio2 else [])
         raw = [load_audio(p) for p in paths]
         tracks = [loudness_normalize(w) for w in raw]
         if len(tracks) == 1:
-            samples, rate = load_audio_original(request.audio)
-            return tracks, (samples, rate)
+            info = checked.audio[0]
+            samples, rate = load_audio_original(request.audio, soundtrack_rate(info.rate))
+            record = {"source_channels": info.channels, "source_rate": info.rate, "channels": samples.shape[0],
+                      "rate": rate}
+            if info.channels > 2:
+                record["note"] = f"{info.channels} channels averaged to mono (as the model hears them)"
+            if rate != info.rate:
+                record["rate_note"] = f"resampled from {info.rate} Hz: AAC does not take that rate"
+            return tracks, (samples, rate), record
         a, b = tracks
         ra, rb = raw
         if request.audio_mode == "para":  # D6: pad the shorter track instead of failing
@@ -226,7 +235,9 @@ class InfiniteTalkPipeline:
         peak = float(np.abs(mix).max()) if mix.size else 0.0
         if peak > 1.0:
             mix = mix / peak
-        return tracks, (mix[None].astype(np.float32), 16000)
+        record = {"source_channels": [a.channels for a in checked.audio], "channels": 1, "rate": 16000,
+                  "note": f"the two speakers mixed to mono at 16 kHz ({request.audio_mode})"}
+        return tracks, (mix[None].astype(np.float32), 16000), record
 
     def generate(
         self,
@@ -245,13 +256,8 @@ class InfiniteTalkPipeline:
         if self.peers is not None:
             self.peers.check_request(request)
             self.peers.start_run()
-        if bool(request.image) == bool(request.video):
-            raise InputError("give exactly one reference: --image PATH (image-to-video) or --video PATH (dubbing)")
-        if not request.out:
-            raise InputError("no output path: pass --out FILE.mp4")
-        out_path = Path(request.out)
-        if out_path.suffix.lower() != ".mp4":
-            raise InputError(f"{out_path}: the output must be an .mp4 file")
+        checked = check_request(request, checkpoint=on_checkpoint is not None)
+        out_path = checked.out
         out_path.parent.mkdir(parents=True, exist_ok=True)
         timings: dict[str, float] = {}
         started = time.monotonic()
@@ -264,7 +270,7 @@ class InfiniteTalkPipeline:
         first = source.first_frame()
         target = self.geometry.frame_size(bucket_for(first.size[1], first.size[0], request.size))
         reference = resize_and_centercrop(first, target)
-        tracks, soundtrack = self._audio_tracks(request)
+        tracks, soundtrack, soundtrack_record = self._audio_tracks(request, checked)
         persons = len(tracks)
         masks = person_masks(first.size[1], first.size[0], target, persons, request.bbox)
         timings["inputs_s"] = time.monotonic() - t
@@ -281,6 +287,7 @@ class InfiniteTalkPipeline:
 
         t = time.monotonic()
         prompt_ctx, negative_ctx = self.text_encoder.encode([request.prompt, request.negative_prompt])
+        prompt_tokens = self.text_encoder.token_report(request.prompt, request.negative_prompt)
         timings["text_encoder_s"] = time.monotonic() - t
 
         def keyframe(k: int):
@@ -306,11 +313,15 @@ class InfiniteTalkPipeline:
         generator = torch.Generator().manual_seed(seed)
         written = {"frames": 0}
         writer = Mp4Writer(out_path, fps=FPS, audio=soundtrack)
+        digest = FramesHash()  # frames_sha256, as the job service computes it (earlier chunks of a resume included)
+        if resume is not None:
+            resume = dataclasses.replace(resume, earlier_frames=hashed(resume.earlier_frames or (), digest))
 
         def on_frames(k: int, video: torch.Tensor) -> None:
             keep = min(video.shape[1], chunks.num_frames - written["frames"])
             frames = frames_to_uint8(video[:, :keep])
             writer.append(frames)
+            digest.update(frames)
             written["frames"] += keep
             if on_chunk is not None:
                 on_chunk(k, frames.numpy() if isinstance(frames, torch.Tensor) else frames)
@@ -320,7 +331,7 @@ class InfiniteTalkPipeline:
                                          video[:, -request.motion_frames:][None].clone(), stats),
                               frames.numpy() if isinstance(frames, torch.Tensor) else frames)
 
-        status, error, out_of_memory, peer_error = "completed", None, None, None
+        status, error, out_of_memory, peer_error, interrupted, failure = "completed", None, None, None, False, None
         t = time.monotonic()
         start_chunk, context = 0, None
         try:
@@ -336,34 +347,47 @@ class InfiniteTalkPipeline:
         except torch.OutOfMemoryError:  # = torch.cuda.OutOfMemoryError; raised below, after the sidecar is written
             out_of_memory = self._out_of_memory(request, target, persons, chunks, loop, written["frames"], out_path)
             status, error = "failed", str(out_of_memory)
+        except KeyboardInterrupt:  # Ctrl-C: the finished frames are kept; raised below as Interrupted
+            status, error, interrupted = "interrupted", "interrupted (Ctrl-C / SIGINT)", True
         except BaseException as err:
-            status, error = "failed", f"{type(err).__name__}: {err}"
+            status, error, failure = "failed", f"{type(err).__name__}: {err}", err
             raise
         finally:
             timings["sampling_s"] = time.monotonic() - t
-            if written["frames"]:
-                writer.close()
-            else:
-                writer.abort()
+            video_error = _finish_video(writer, written["frames"])
+            kept = _kept_text(written["frames"], out_path, video_error)
+            if failure is not None:
+                failure.add_note(kept)
+            elif video_error is not None:
+                status, error = "failed", f"the video could not be finished: {video_error}"
             timings["total_s"] = time.monotonic() - started
             sidecar = self._sidecar(request, seed, plan_info, chunks, loop, timings, status, error, written["frames"],
-                                    source, persons, target)
+                                    source, persons, target, checked, soundtrack_record, prompt_tokens)
+            sidecar["output"]["frames_sha256"] = digest.hexdigest()
+            sidecar["output"]["video_saved"] = bool(written["frames"]) and video_error is None
             if start_chunk:
                 sidecar["output"]["resumed_from_chunk"] = start_chunk
             sidecar_path = out_path.with_suffix(".json")
-            sidecar_path.write_text(json.dumps(sidecar, indent=2, default=str))
+            sidecar_error = _write_sidecar(sidecar_path, sidecar)
+        if sidecar_error is not None:
+            raise InputError(f"{sidecar_path}: the run's record could not be written ({sidecar_error}); {kept}")
+        if interrupted:
+            raise Interrupted(f"{error}; {kept}; the record is in {sidecar_path}")
         if status == "cancelled":
-            raise CancelledError(f"{error}; the {written['frames']} finished frames are in {out_path}")
+            raise CancelledError(f"{error}; {kept}")
         if out_of_memory is not None:  # raised outside the except clause: the failed call's tensors are freed
+            if video_error is not None:
+                out_of_memory.add_note(kept)
             raise out_of_memory
         if peer_error is not None:
-            kept = f"the {written['frames']} finished frames are in {out_path}" if written["frames"] else "no frame was finished"
             raise PeerError(f"{peer_error}; {kept}")
+        if video_error is not None:
+            raise InputError(f"{out_path}: {kept}; the record is in {sidecar_path}")
         return GenerateResult(out_path, sidecar_path, written["frames"], written["frames"] / FPS, seed, sidecar)
 
     def _sidecar(self, request, seed, plan_info, chunks, loop, timings, status, error, frames, source, persons,
-                 target) -> dict:
-        requested = to_dict(request)
+                 target, checked, soundtrack, prompt_tokens) -> dict:
+        requested = to_dict(request)  # the prompt is stored here only
         effective = {
             **plan_info,
             "steps": plan_info["steps"],
@@ -380,12 +404,18 @@ class InfiniteTalkPipeline:
             "model_calls_per_chunk": loop.stats.calls_per_chunk,
             "cache_skips": sum(loop.stats.cache_skips_per_chunk),
             "cache_skips_per_chunk": loop.stats.cache_skips_per_chunk,
+            "prompt_tokens": prompt_tokens,
+            "soundtrack": soundtrack,
         }
         return {
             "status": status,
             "error": error,
             "inputs": {"reference": request.image or request.video, "reference_is_video": source.is_video,
-                       "audio": [p for p in (request.audio, request.audio2) if p], "prompt": request.prompt},
+                       "reference_size": [checked.reference.width, checked.reference.height],
+                       "audio": [p for p in (request.audio, request.audio2) if p],
+                       "audio_files": [{"channels": a.channels, "rate": a.rate, "seconds": round(a.seconds, 3),
+                                        "codec": a.codec} for a in checked.audio]},
+            "notes": [*checked.notes, *([prompt_tokens["note"]] if prompt_tokens.get("note") else [])],
             "seed": seed,
             "requested": requested,
             "effective": effective,
@@ -498,6 +528,37 @@ def _refuse_double_quantization(plan, files: ModelFiles) -> None:
         raise OptionError(f"quantization={plan.options['quantization'].requested}: {gguf_files[0]} is already "
                           "GGUF-quantized (dequantized per layer as it runs); use --quantization disabled with GGUF "
                           "files, or a .safetensors model to quantize")
+
+
+def _finish_video(writer: Mp4Writer, frames: int) -> str | None:
+    """Close the mp4 (or drop it when no frame was made); the reason when it cannot be finished (a full disk)."""
+    try:
+        if frames:
+            writer.close()
+        else:
+            writer.abort()
+    except Exception as err:  # OSError / av.error.*: the container's index could not be written
+        writer.abort()
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _kept_text(frames: int, out_path: Path, video_error: str | None = None) -> str:
+    """What a run that stopped early leaves behind, in words."""
+    if not frames:
+        return "no frame was finished, so no video was written"
+    if video_error is not None:
+        return f"the {frames} generated frames could not be saved: {out_path} could not be finished ({video_error})"
+    return f"the {frames} finished frames are kept in {out_path}"
+
+
+def _write_sidecar(path: Path, sidecar: dict) -> str | None:
+    """Write the run's record; the reason when it cannot be written (a full disk), else None."""
+    try:
+        path.write_text(json.dumps(sidecar, indent=2, default=str))
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
 
 
 def _versions() -> dict:

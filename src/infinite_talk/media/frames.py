@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from infinite_talk.errors import InputError, OptionError
 
@@ -47,8 +47,26 @@ def _check_size(path, w: int, h: int) -> None:
                          f"({MAX_SIDE} pixels per side, {MAX_PIXELS // 1_000_000} megapixels); downscale it first")
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB picture as a viewer shows it: EXIF orientation applied, 16/32-bit grey scaled (not clipped) to
+    8 bits, transparency (alpha or a palette's transparent colour) flattened onto white, CMYK/YCbCr converted."""
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode.startswith("I"):  # I;16*, I: 16-bit grey (PNG/TIFF) holds 0..65535; PIL's convert would clip at 255
+        arr = np.asarray(image).astype(np.float64)
+        grey = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "F":
+        raise InputError("floating-point pictures are not supported; save the picture as an 8- or 16-bit PNG")
+    if mode == "P" and "transparency" in image.info or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def read_image(path: str | Path) -> Image.Image:
-    """An RGB PIL image, validated by content (not by file name)."""
+    """An RGB PIL image (see `to_rgb`), validated by content (not by file name)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file; give the path of a PNG/JPEG/WebP picture or a video")
@@ -57,12 +75,16 @@ def read_image(path: str | Path) -> Image.Image:
             w, h = probe.size
             _check_size(path, w, h)
             probe.load()
-            image = probe.convert("RGB")
-    except InputError:
-        raise
+            image = to_rgb(probe)
+    except InputError as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise InputError(f"{path}: {err}") from None
     except Image.DecompressionBombError as err:
         raise InputError(f"{path}: the image is larger than this tool accepts ({MAX_SIDE} pixels per side, "
                          f"{MAX_PIXELS // 1_000_000} megapixels; {err}); downscale it first") from None
+    except PermissionError:
+        raise InputError(f"{path}: cannot be read (permission denied); check the file's permissions") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{path}: not a readable image ({type(err).__name__}: {err}); "
                          "give a PNG, JPEG or WebP picture") from None
@@ -271,6 +293,14 @@ def _parse_boxes(bbox, num_persons: int, h: int, w: int) -> list[PersonBox] | No
                              f"(need 0 ≤ row_min < row_max ≤ {h} and 0 ≤ col_min < col_max ≤ {w}; rows first)")
         out.append(PersonBox(a, b, c, d))
     return out
+
+
+def check_boxes(bbox, num_persons: int, height: int, width: int) -> None:
+    """Refuse boxes that do not fit the height×width reference or do not match the speakers (one box per speaker;
+    one speaker may also give none)."""
+    if num_persons not in (1, 2):
+        raise InputError(f"{num_persons} speakers given; InfiniteTalk supports 1 or 2 speakers")
+    _parse_boxes(bbox, num_persons, height, width)
 
 
 def person_masks_source(height: int, width: int, num_persons: int = 1, bbox=None,

@@ -3,6 +3,10 @@
 `write_mp4` takes uint8 frames [T,H,W,3] or an iterator of such chunks, so a long video can be written chunk by chunk
 without holding it; the soundtrack (any sample rate, 1–2 channels) is cut to the video duration T/fps and
 interleaved as the frames arrive.
+
+Encoding is deterministic: the same frames (in any chunking) give the same bytes on any machine: x264 runs with a
+fixed thread count (its default is derived from the CPU count, and the thread count shapes the bitstream), and the
+container and encoders are bitexact (no library version strings, no wall-clock time).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import torch
 
 from infinite_talk.errors import InputError, OptionError
 
+# sample rates the AAC encoder takes; a soundtrack at another rate is resampled to `soundtrack_rate(rate)`
+AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+X264_THREADS = 4
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 
@@ -32,6 +39,14 @@ def frames_to_uint8(video: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected a video [3,T,H,W], got {tuple(video.shape)}")
     x = (video.detach().float().clamp(-1.0, 1.0) + 1.0) / 2.0 * 255.0
     return torch.round(x).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+
+
+def soundtrack_rate(rate: int) -> int:
+    """The rate the soundtrack is muxed at: the file's own when AAC takes it, else the next higher AAC rate (48 kHz
+    above 96 kHz)."""
+    if rate in AAC_RATES:
+        return rate
+    return next((r for r in AAC_RATES if r >= rate), 48000) if rate <= AAC_RATES[-1] else 48000
 
 
 def _as_frames(chunk) -> np.ndarray:
@@ -70,9 +85,12 @@ class Mp4Writer:
             if samples.ndim == 1:
                 samples = samples[None]
             if samples.ndim != 2 or samples.shape[0] not in (1, 2):
-                raise InputError(f"soundtrack must be mono or stereo samples [channels, n], got {samples.shape}")
-            if isinstance(rate, bool) or not isinstance(rate, int) or rate < 8000:
-                raise InputError(f"soundtrack sample rate must be a whole number of at least 8000 Hz, got {rate!r}")
+                raise InputError(f"{self.path}: the soundtrack must be mono or stereo samples [channels, n], got "
+                                 f"{samples.shape} (media.audio.load_audio_original mixes any file down to 1 or 2)")
+            if isinstance(rate, bool) or not isinstance(rate, int) or rate not in AAC_RATES:
+                raise InputError(f"{self.path}: the soundtrack's sample rate must be one AAC takes "
+                                 f"({', '.join(map(str, AAC_RATES))} Hz), got {rate!r}; resample it to "
+                                 "media.mp4.soundtrack_rate(rate)")
             self._audio = (np.ascontiguousarray(samples), rate)
         self._container = None
         self._vstream = None
@@ -83,20 +101,21 @@ class Mp4Writer:
         if height % 2 or width % 2:
             raise InputError(f"{self.path}: frames are {width}×{height}; H.264 yuv420p needs even width and height")
         try:
-            self._container = av.open(str(self.path), mode="w", format="mp4")
+            self._container = av.open(str(self.path), mode="w", format="mp4", options={"fflags": "+bitexact"})
         except (av.error.FFmpegError, OSError) as err:
             raise InputError(f"{self.path}: cannot create the output file ({err}); check the path and "
                              "permissions") from None
         v = self._container.add_stream("libx264", rate=self.fps)
         v.width, v.height, v.pix_fmt = width, height, "yuv420p"
         v.time_base = Fraction(1, self.fps)
-        v.options = {"crf": str(self.crf), "preset": self.preset}
+        v.options = {"crf": str(self.crf), "preset": self.preset, "threads": str(X264_THREADS), "flags": "+bitexact"}
         self._vstream = v
         if self._audio is not None:
             samples, rate = self._audio
             a = self._container.add_stream("aac", rate=rate)
             a.layout = "mono" if samples.shape[0] == 1 else "stereo"
             a.time_base = Fraction(1, rate)
+            a.options = {"flags": "+bitexact"}
             self._astream = a
 
     def append(self, frames) -> None:

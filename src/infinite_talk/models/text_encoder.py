@@ -7,7 +7,9 @@ shards). Plain fp8 (e4m3/e5m2) weights are upcast; "scaled" fp8 files (`scaled_f
 refused. The tokenizer is a local folder loaded with `AutoTokenizer.from_pretrained`.
 
 `encode(texts)` follows the reference: ftfy.fix_text + html.unescape twice + whitespace collapse, pad to
-`text_len` (512) with an attention mask, then each output trimmed to its number of real tokens.
+`text_len` (512) with an attention mask, then each output trimmed to its number of real tokens. A longer prompt is
+cut at `text_len` tokens, as the encoder was trained; `token_report` states the cut (recorded in the sidecar as
+effective, and printed by the CLI).
 """
 
 from __future__ import annotations
@@ -211,6 +213,23 @@ class TextEncoder:
                                max_length=self.text_len, add_special_tokens=True, return_attention_mask=True,
                                return_tensors="pt")
         return batch["input_ids"], batch["attention_mask"]
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of the cleaned text with its end token, before the cut at `text_len`."""
+        return len(self.tokenizer(clean_prompt(text), add_special_tokens=True, truncation=False,
+                                  verbose=False)["input_ids"])
+
+    def token_report(self, prompt: str, negative_prompt: str) -> dict:
+        """For the sidecar: each prompt's tokens and how many the encoder reads (the first `text_len`); a note when
+        a prompt is cut."""
+        counts = {"prompt": self.count_tokens(prompt), "negative_prompt": self.count_tokens(negative_prompt)}
+        report: dict = {"limit": self.text_len, **{name: {"tokens": n, "used": min(n, self.text_len)}
+                                                   for name, n in counts.items()}}
+        cut = [f"the {name.replace('_', ' ')} has {n} tokens; the text encoder reads only the first {self.text_len} "
+               "(the rest has no effect)" for name, n in counts.items() if n > self.text_len]
+        if cut:
+            report["note"] = "; ".join(cut)
+        return report
 
     @torch.no_grad()
     def forward_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

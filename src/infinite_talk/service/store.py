@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import InfiniteTalkError, InputError, OptionError
+from ..errors import InfiniteTalkError, InputError, OptionError, StorageError
 from ..options import GenerateOptions, to_dict
 from .uploads import (
     SERVER_FIELDS,
@@ -121,6 +121,8 @@ def storage_fault(err: BaseException | None) -> str | None:
         seen.add(id(err))
         if isinstance(err, StorageUnavailable):
             return err.reason
+        if isinstance(err, StorageError):  # the request check: the output folder cannot take the run now
+            return "the job folder cannot take the run now (not writable, or too little free disk)"
         if isinstance(err, sqlite3.Error):
             code = getattr(err, "sqlite_errorcode", None)
             if code is not None and code & 0xFF in TRANSIENT_SQLITE:

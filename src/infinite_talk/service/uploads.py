@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import InfiniteTalkError, InputError, OptionError
+from ..media.audio import SAMPLE_RATE
 from ..media.frames import MAX_PIXELS, MAX_SIDE
 from ..options import GenerateOptions, from_dict
 
@@ -140,7 +141,7 @@ def check_reference(path: Path, label: str, limits: Limits) -> dict:
         fmt, width, height = header
         final = path.rename(path.with_suffix(IMAGE_SUFFIXES.get(fmt, ".image")))
         try:
-            read_image(final)
+            width, height = read_image(final).size  # as the job sees it: EXIF orientation applied
         except InputError as err:
             raise _relabel(err, final, label) from None
         return {"kind": "image", "file": final.name, "format": fmt, "width": width, "height": height}
@@ -241,8 +242,10 @@ def _scan_audio(path: Path, label: str, limit_s: float) -> float:
 
 @_decoding
 def check_audio(path: Path, label: str, limits: Limits) -> dict:
-    """Decode the whole track (NaN, silence-only length, corruption, truncation, duration limit)."""
-    from ..media.audio import SAMPLE_RATE, load_audio
+    """Decode the whole track in bounded memory (NaN, length, channels, corruption, truncation, duration limit):
+    the request check a job runs (`media.request_check.check_audio`), so an upload passes exactly when the job can
+    run it."""
+    from ..media import request_check
 
     if path.stat().st_size == 0:
         raise UploadRefused(f"{label}: the file is empty (0 bytes); {AUDIO_FIX}")
@@ -253,10 +256,12 @@ def check_audio(path: Path, label: str, limits: Limits) -> dict:
         raise UploadRefused(f"{label}: the wav file is truncated ({why}); send the complete file")
     _scan_audio(path, label, limits.max_audio_seconds)
     try:
-        wave = load_audio(path)
+        info = request_check.check_audio(path, limits.max_audio_seconds)
     except InputError as err:
         raise _relabel(err, path, label) from None
-    return {"file": path.name, "seconds": round(len(wave) / SAMPLE_RATE, 3), "samples_16k": int(len(wave))}
+    samples_16k = int(round(info.samples * SAMPLE_RATE / info.rate))
+    return {"file": path.name, "seconds": round(info.seconds, 3), "samples_16k": samples_16k,
+            "channels": info.channels, "sample_rate": info.rate}
 
 
 # ------------------------------------------------------------------------------------------------------- options

@@ -21,18 +21,15 @@ final row is retried the same way until it is written.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import CancelledError, InfiniteTalkError
+from ..media.frames_hash import FramesHash, hashed
 from ..options import GenerateOptions
 from ..parallel.launch import PeerError
 from .checkpoint import JobCheckpoint
@@ -212,9 +209,9 @@ class Worker(threading.Thread):
         folder = self.store.folder(job.id)
         checkpoint = JobCheckpoint(folder)
         resume = checkpoint.load()
-        digest = hashlib.sha256()  # over every generated frame in order, earlier chunks included when resuming
+        digest = FramesHash()  # over every generated frame in order, earlier chunks included when resuming
         if resume is not None:
-            resume.earlier_frames = _hashed(resume.earlier_frames, digest)
+            resume.earlier_frames = hashed(resume.earlier_frames, digest)
         plan = dict(job.plan)
         plan["load"] = {"lines": (self.pipeline.load_plan or {}).get("lines", []), "worker": self.name}
         self.store.update(job.id, plan=plan, error=None, resumed_from_chunk=resume.next_chunk if resume else None,
@@ -250,7 +247,7 @@ class Worker(threading.Thread):
             checkpoint.save(state, frames)
             self.retries = 0  # storage works again: the next fault's backoff starts over
             last["chunks_done"] = state.next_chunk
-            digest.update(np.ascontiguousarray(frames).tobytes())
+            digest.update(frames)
             self._best_effort(lambda: self.store.update(job.id, chunks_done=state.next_chunk, seed=state.seed,
                                                         patience_s=0))
 
@@ -325,8 +322,3 @@ def public_text(text: str, folder: Path, job: Job) -> str:
     text = text.replace(str(folder / VIDEO_NAME), f"{job.id}.mp4")
     return without_paths(text, folder.parent.parent)
 
-
-def _hashed(frames: Iterable[np.ndarray], digest) -> Iterator[np.ndarray]:
-    for chunk in frames:
-        digest.update(np.ascontiguousarray(chunk).tobytes())
-        yield chunk

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InfiniteTalkError
+from ..media.request_check import check_request
 from ..options import GenerateOptions, LoadOptions
 from . import controls as C
 from .session import Studio, audio_frames
@@ -338,6 +339,8 @@ def build_app(studio: Studio):
                 req = C.request_from_form(data[task], form_values(data))
                 C.check_inputs(req, data[task])
                 reference_kind(req.image or req.video, data[task])
+                # every input and the output folder, before the run is queued (the same check as CLI and service)
+                check_request(dataclasses.replace(req, out=str(Path(studio.output_dir) / "talk.mp4")))
                 req = dataclasses.replace(req, out=str(studio.new_output_path()))  # a folder only for real runs
                 shown: list[tuple[str, str]] = []
                 total = {"chunks": None}
