@@ -107,7 +107,7 @@ def test_upload_checks_accept_exactly_what_a_job_runs(files, tmp_path):
     from infinite_talk.service.uploads import Limits
 
     store = JobStore(tmp_path / "data", Limits(max_upload_bytes=16 * 2**20, max_queued=50))
-    client = TestClient(create_app(store))
+    client = TestClient(create_app(store), base_url="http://127.0.0.1:8000")  # no token: loopback Host only
     many = tmp_path / "65ch.wav"
     sf.write(many, np.zeros((8000, 65), np.float32), 16000)
     portrait = (EXAMPLES / "portrait.png").read_bytes()

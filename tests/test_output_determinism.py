@@ -104,12 +104,14 @@ def test_a_resumed_job_gives_the_byte_identical_mp4_of_an_unbroken_run(pipe, tmp
     base = GenerateOptions(image=str(EXAMPLES / "portrait.png"), audio=str(tmp_path / "a.wav"), steps=1,
                            frame_num=9, motion_frames=1, seed=11)
 
+    (tmp_path / "whole").mkdir()  # a checkpoint lives in its job's folder, which the store makes
     whole = JobCheckpoint(tmp_path / "whole")
     unbroken = pipe.generate(dataclasses.replace(base, out=str(tmp_path / "whole.mp4")), on_checkpoint=whole.save)
     assert unbroken.sidecar["output"]["chunks"] == 3
 
     for stop_after in (1,):  # killed after chunk 1 of 3: chunks 2 and 3 run in the resumed process
         folder = tmp_path / f"job{stop_after}"
+        folder.mkdir()
         checkpoint = JobCheckpoint(folder)
         out = str(folder / "output.mp4")
 

@@ -190,12 +190,12 @@ def _can_mount(path: Path) -> bool:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 24 MiB tmpfs (None where this machine does not allow mounting)."""
+    """A 64 MiB tmpfs, room for the request check's estimate of a tiny job (None where mounting is not allowed)."""
     mount = tmp_path / "disk"
     if not _can_mount(mount):
         yield None
         return
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(mount)], check=True)
     try:
         yield mount
     finally:

@@ -36,4 +36,9 @@ class Interrupted(KeyboardInterrupt):
 
 class StorageError(InputError):
     """The output's storage cannot take the run now (the folder cannot be written, too little free disk). For a
-    long-running service this may pass (space freed, a mount back): a caller may retry instead of failing the job."""
+    long-running service this may pass (space freed, a mount back): a caller may retry instead of failing the job.
+    `errno` says which fault it is (ENOSPC for too little free disk)."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno

@@ -11,6 +11,7 @@ against an estimate of what the run writes. Every refusal is an `InputError` nam
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
@@ -138,7 +139,7 @@ def check_output(out: str | None, inputs: list[str], needed_bytes: int = 0) -> t
             os.unlink(probe)
     except OSError as err:
         raise StorageError(f"{path}: cannot write the output: a test file cannot be written in {folder} "
-                         f"({err.strerror or err}); choose a folder you can write to") from None
+                         f"({err.strerror or err}); choose a folder you can write to", err.errno) from None
     for target in (path, sidecar):  # existing files are replaced: they must be writable (opened, not changed)
         if target.exists():
             try:
@@ -151,7 +152,7 @@ def check_output(out: str | None, inputs: list[str], needed_bytes: int = 0) -> t
     if needed_bytes > free:
         raise StorageError(f"{path}: the run writes about {needed_bytes / 2**20:,.0f} MiB but {folder} has "
                          f"{free / 2**20:,.0f} MiB free; free some space, choose another folder, or shorten the run "
-                         "(max_seconds)")
+                         "(max_seconds)", errno.ENOSPC)
     return path, free
 
 

@@ -121,8 +121,8 @@ def storage_fault(err: BaseException | None) -> str | None:
         seen.add(id(err))
         if isinstance(err, StorageUnavailable):
             return err.reason
-        if isinstance(err, StorageError):  # the request check: the output folder cannot take the run now
-            return "the job folder cannot take the run now (not writable, or too little free disk)"
+        if isinstance(err, StorageError):  # found by the request check, before the run
+            return f"{STORAGE_ERRNOS.get(err.errno, 'the job folder cannot be written')} (checked before the run)"
         if isinstance(err, sqlite3.Error):
             code = getattr(err, "sqlite_errorcode", None)
             if code is not None and code & 0xFF in TRANSIENT_SQLITE:
