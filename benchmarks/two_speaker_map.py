@@ -15,15 +15,7 @@ import torch
 
 from dit_forward import device_name, report, timed
 from infinite_talk.models.transformer import first_frame_attention_map, rope_1d
-
-
-def dense_map(query, ref_key, masks):
-    masks = masks.float()
-    total = 0
-    for h in range(query.shape[2]):
-        probs = (query[0, :, h].float() * query.shape[-1] ** -0.5 @ ref_key[0, :, h].float().T).softmax(-1)
-        total = total + probs @ masks.T / masks.sum(-1)
-    return (total / query.shape[2]).T
+from infinite_talk.testing.two_speaker import first_frame_map_per_head as dense_map
 
 
 def main() -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+EXAMPLES = Path(__file__).parent / "data" / "examples"
 
 # One CPU thread per test process unless the caller chose otherwise. The tests run many small tensor operations, where
 # a second OpenMP thread gains little, and on a machine shared with other jobs the threads of every operation wait for
@@ -24,3 +27,14 @@ def cache(tmp_path_factory):
         os.environ.pop("INFINITE_TALK_CACHE", None)
     else:
         os.environ["INFINITE_TALK_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def short_wav(tmp_path_factory):
+    """Half a second of the example speech as a wav file."""
+    import soundfile as sf
+
+    data, rate = sf.read(EXAMPLES / "speech_en.wav", dtype="float32")
+    path = tmp_path_factory.mktemp("audio") / "short.wav"
+    sf.write(path, data[: rate // 2], rate)
+    return path

@@ -23,6 +23,7 @@ from infinite_talk.models.transformer import first_frame_attention_map
 from infinite_talk.options import LoadOptions
 from infinite_talk.plan.planner import resolve
 from infinite_talk.plan.probe import Kernel, _run_check, probe, simulated
+from infinite_talk.testing.two_speaker import first_frame_map_per_head
 
 
 def _qkv(q_len=192, k_len=160, heads=2, dim=64, key_offset=2.0, sharpness=1.0, seed=0):
@@ -171,16 +172,6 @@ def test_probe_says_why_not_on_a_cpu():
 
 
 # ---- the fused two-speaker map -------------------------------------------------------------------------------------
-def _map_per_head(query, ref_key, masks):
-    """The map as computed before the fused call: dense probabilities per head in float32."""
-    masks = masks.float()
-    total = 0
-    for h in range(query.shape[2]):
-        probs = (query[0, :, h].float() * query.shape[-1] ** -0.5 @ ref_key[0, :, h].float().T).softmax(-1)
-        total = total + probs @ masks.T / masks.sum(-1)
-    return (total / query.shape[2]).T
-
-
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fused_first_frame_map_equals_the_dense_one(dtype, tol):
     g = torch.Generator().manual_seed(0)
@@ -188,7 +179,7 @@ def test_fused_first_frame_map_equals_the_dense_one(dtype, tol):
     ref_key = (torch.randn(1, 60, 4, 32, generator=g) * 2).to(dtype)
     masks = torch.zeros(3, 60)
     masks[0, :20], masks[1, 20:45], masks[2, 45:] = 1, 1, 1
-    fused, dense = first_frame_attention_map(query, ref_key, masks), _map_per_head(query, ref_key, masks)
+    fused, dense = first_frame_attention_map(query, ref_key, masks), first_frame_map_per_head(query, ref_key, masks)
     assert fused.shape == (3, 300) and fused.dtype == torch.float32
     assert _rel(fused, dense) < tol
     assert (fused.argmax(0) == dense.argmax(0)).float().mean() > 0.98  # the routing decision
@@ -209,7 +200,7 @@ def test_two_speaker_forward_routes_as_the_dense_map_would(monkeypatch):
     with torch.inference_mode():
         fused = model(**inputs)
         maps = [b.last_ref_map.clone() for b in model.blocks]
-        monkeypatch.setattr(tr, "first_frame_attention_map", _map_per_head)
+        monkeypatch.setattr(tr, "first_frame_attention_map", first_frame_map_per_head)
         dense = model(**inputs)
     assert _rel(fused, dense) < 1e-4
     assert all(_rel(m, b.last_ref_map) < 1e-4 for m, b in zip(maps, model.blocks))

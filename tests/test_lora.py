@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,8 +268,8 @@ def test_pipeline_applies_lora_and_shows_it_in_the_plan(tmp_path, mode):
 def test_cli_refuses_a_bad_lora_in_one_line(tmp_path, capsys):
     path = tmp_path / "not_lora.safetensors"
     save_file({"foo.weight": torch.zeros(2)}, str(path))
-    audio = tmp_path / "missing.wav"
-    code = cli_main(["generate", "--preset", "tiny", "--lora", str(path), "--image", "x.png", "--audio", str(audio),
-                     "--out", str(tmp_path / "o.mp4")])
+    examples = Path(__file__).parent / "data" / "examples"  # real inputs: the request check passes, the LoRA is refused
+    code = cli_main(["generate", "--preset", "tiny", "--lora", str(path), "--image", str(examples / "portrait.png"),
+                     "--audio", str(examples / "speech_en.wav"), "--max-seconds", "0.2", "--out", str(tmp_path / "o.mp4")])
     err = capsys.readouterr().err
     assert code == 2 and f"error: {path}: not a LoRA file" in err and "Traceback" not in err

@@ -193,7 +193,7 @@ def test_rank_0_keeps_finished_chunks_when_a_process_dies(pipe, cache, tmp_path)
             p.kill()
             p.wait()
     assert procs[0].returncode == 2 and "Traceback" not in err0
-    assert "error: another process of the job" in err0 and f"the 41 finished frames are in {out}" in err0
+    assert "error: another process of the job" in err0 and f"the 41 finished frames are kept in {out}" in err0
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["status"] == "failed" and sidecar["output"]["chunks_done"] == 1
     assert probe_media(out).frames == 41

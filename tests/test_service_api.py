@@ -40,14 +40,6 @@ def client(store):
     return TestClient(create_app(store, TOKEN), headers=AUTH)
 
 
-@pytest.fixture(scope="module")
-def short_wav(tmp_path_factory):
-    data, rate = sf.read(EXAMPLES / "speech_en.wav", dtype="float32")
-    path = tmp_path_factory.mktemp("audio") / "short.wav"
-    sf.write(path, data[: rate // 2], rate)
-    return path
-
-
 def _files(short_wav, **extra):
     files = {"reference": ("portrait.png", (EXAMPLES / "portrait.png").read_bytes()),
              "audio": ("short.wav", short_wav.read_bytes())}

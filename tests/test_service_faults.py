@@ -30,6 +30,7 @@ from infinite_talk.service import checkpoint as checkpoint_module  # noqa: E402
 from infinite_talk.service.api import create_app  # noqa: E402
 from infinite_talk.service.store import JobStore  # noqa: E402
 from infinite_talk.service.worker import Worker  # noqa: E402
+from infinite_talk.testing.service import LOCK_DATABASE  # noqa: E402
 
 EXAMPLES = Path(__file__).parent / "data" / "examples"
 JOB = {"steps": 2, "text_scale": 1.0, "audio_scale": 1.0, "frame_num": 9, "motion_frames": 1, "max_seconds": 1.0,
@@ -125,23 +126,12 @@ def _after_first_chunk(monkeypatch, action):
     monkeypatch.setattr(checkpoint_module.JobCheckpoint, "save", save_then_act)
 
 
-LOCKER = """
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN EXCLUSIVE")
-db.execute("UPDATE jobs SET seq = seq")
-print("held", flush=True)
-sys.stdin.readline()
-db.execute("COMMIT")
-"""
-
-
 def test_database_locked_by_another_process(service_factory, undisturbed, tmp_path, monkeypatch):
     service = service_factory(tmp_path / "data", busy_timeout_s=0.2, write_patience_s=0.5)
     locker = []
 
     def lock():
-        locker.append(subprocess.Popen([sys.executable, "-c", LOCKER, str(service.store.root / "jobs.sqlite3")],
+        locker.append(subprocess.Popen([sys.executable, "-c", LOCK_DATABASE, str(service.store.root / "jobs.sqlite3")],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
         assert locker[0].stdout.readline().strip() == "held"
 

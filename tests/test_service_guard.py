@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import soundfile as sf
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -27,6 +26,7 @@ from infinite_talk.service.api import create_app  # noqa: E402
 from infinite_talk.service.checkpoint import JobCheckpoint  # noqa: E402
 from infinite_talk.service.store import JobStore  # noqa: E402
 from infinite_talk.service.uploads import Limits  # noqa: E402
+from infinite_talk.testing.service import LOCK_DATABASE  # noqa: E402
 
 EXAMPLES = Path(__file__).parent / "data" / "examples"
 TOKEN = "guard-test-token-0123456789"
@@ -35,14 +35,6 @@ TOKEN = "guard-test-token-0123456789"
 @pytest.fixture
 def store(tmp_path):
     return JobStore(tmp_path / "data", Limits(max_upload_bytes=2 * 2**20, max_audio_seconds=60, max_queued=20))
-
-
-@pytest.fixture(scope="module")
-def short_wav(tmp_path_factory):
-    data, rate = sf.read(EXAMPLES / "speech_en.wav", dtype="float32")
-    path = tmp_path_factory.mktemp("audio") / "short.wav"
-    sf.write(path, data[: rate // 2], rate)
-    return path
 
 
 def _files(short_wav):
@@ -269,17 +261,6 @@ def test_refusals_return_their_read_connections(tmp_path, short_wav):
     assert len(store.list()) == 1 and store._readers.qsize() <= store_module.READERS
 
 
-LOCKER = """
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN EXCLUSIVE")
-db.execute("UPDATE jobs SET seq = seq")
-print("held", flush=True)
-sys.stdin.readline()
-db.execute("COMMIT")
-"""
-
-
 def test_reads_never_wait_for_a_writer_that_waits_for_the_lock(tmp_path, short_wav):
     """Another process holds the write lock; a writer of this process waits for it (busy timeout 60 s) while reads
     of every kind answer; then the lock goes and the write lands."""
@@ -288,7 +269,7 @@ def test_reads_never_wait_for_a_writer_that_waits_for_the_lock(tmp_path, short_w
     store = JobStore(tmp_path / "data", busy_timeout_s=60)
     job = store.submit(EXAMPLES / "portrait.png", short_wav)
     client = TestClient(create_app(store, None), base_url="http://127.0.0.1:8000")
-    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(store.root / "jobs.sqlite3")],
+    locker = subprocess.Popen([sys.executable, "-c", LOCK_DATABASE, str(store.root / "jobs.sqlite3")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert locker.stdout.readline().strip() == "held"

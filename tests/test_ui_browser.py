@@ -269,7 +269,7 @@ def test_second_page_waits_with_its_position_and_cancel_keeps_the_finished_chunk
         first.click("#cancel-btn")
         status = first.locator("#run-status")
         expect(status).to_contain_text("Cancelled. cancelled at chunk 2/2", timeout=LONG_S * 1000)
-        expect(status).to_contain_text("the 81 finished frames are in ")
+        expect(status).to_contain_text("the 81 finished frames are kept in ")
         assert abs(_video_duration(first) - 81 / 25) < 0.1
 
         expect(second.locator("#run-status")).to_contain_text("Done: 75 frames, 3.00 s", timeout=LONG_S * 1000)
