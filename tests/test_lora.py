@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from infinite_talk.cli import _build, build_parser
+from infinite_talk.cli import build_parser
 from infinite_talk.cli import main as cli_main
 from infinite_talk.errors import CheckpointError, OptionError
+from infinite_talk.flags import build_options
 from infinite_talk.models.configs import GEOMETRY_TINY
 from infinite_talk.models.lora import apply_loras, parse_lora_entries
 from infinite_talk.models.transformer_loading import load_transformer_from_state_dict, state_dict_in_original_layout
@@ -237,7 +238,7 @@ def test_entries_and_options_validation():
         LoadOptions(lora_mode="peft").validate()
     ns = build_parser().parse_args(["generate", "--lora", "a.safetensors", "--lora", "b.safetensors:0.5",
                                     "--lora-mode", "unmerged"])
-    load = _build(LoadOptions, ns)
+    load = build_options(LoadOptions, ns)
     assert load.lora == ["a.safetensors", "b.safetensors:0.5"] and load.lora_mode == "unmerged"
 
 

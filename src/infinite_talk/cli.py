@@ -1,72 +1,22 @@
 """`infinite-talk` command line: generate, doctor (and ui / serve when installed).
 
-Flags are built from the one options schema (`options.py`), so the CLI offers exactly what the UI and API offer.
+Flags are built from the one options schema (`options.py`, read by `flags.py`), so the CLI offers exactly what the UI
+and API offer.
 Every user-fixable failure prints one clear `error:` line and exits non-zero; no tracebacks unless --debug.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
-from typing import get_origin, get_type_hints
 
 from .errors import InfiniteTalkError, InputError, Interrupted
+from .flags import add_schema, given_values
 from .library_messages import filter_library_noise
 from .options import GenerateOptions, LoadOptions
-
-_CLI_NAMES = {"t5_tokenizer": "t5-tokenizer"}
-
-
-def _flag(name: str) -> str:
-    return "--" + _CLI_NAMES.get(name, name.replace("_", "-"))
-
-
-def _add_schema(parser: argparse.ArgumentParser, cls, skip: set[str] = frozenset()) -> None:
-    hints = get_type_hints(cls)
-    group = parser.add_argument_group(cls.__name__)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        meta = dict(f.metadata)
-        kind = hints[f.name]
-        help_text = meta.get("help", "")
-        choices = [c for c in (meta.get("choices") or ()) if c is not None] or None
-        if f.name == "bbox":
-            group.add_argument(_flag(f.name), dest=f.name, type=int, nargs=4, action="append",
-                               metavar=("ROW_MIN", "COL_MIN", "ROW_MAX", "COL_MAX"),
-                               help=help_text + " (repeat once per speaker)")
-            continue
-        if get_origin(kind) is list:  # e.g. --lora A --lora B:0.5
-            group.add_argument(_flag(f.name), dest=f.name, action="append", metavar="VALUE",
-                               help=help_text + " (repeat the flag for several)")
-            continue
-        if kind in (bool,) or str(kind) == "bool":
-            group.add_argument(_flag(f.name), dest=f.name, action="store_true", help=help_text)
-            continue
-        text = str(kind)
-        caster = int if "int" in text and "float" not in text else float if "float" in text else str
-        if choices and all(isinstance(c, int) for c in choices):
-            caster = int
-        group.add_argument(_flag(f.name), dest=f.name, type=caster, choices=choices, default=None,
-                           help=f"{help_text} (default: {f.default})" if f.default is not None else help_text)
-
-
-def _values(cls, ns: argparse.Namespace, base: dict | None = None) -> dict:
-    """The values the user gave explicitly (flags set, plus `base`)."""
-    values = dict(base or {})
-    for f in dataclasses.fields(cls):
-        value = getattr(ns, f.name, None)
-        if value is not None and value is not False:
-            values[f.name] = value
-    return values
-
-
-def _build(cls, ns: argparse.Namespace, base: dict | None = None):
-    return cls(**_values(cls, ns, base)).validate()
 
 
 def _resolve_path(value: str, json_dir: Path) -> str:
@@ -129,7 +79,7 @@ def _generate_options(ns: argparse.Namespace) -> tuple[LoadOptions, GenerateOpti
 
     base = from_reference_json(ns.input_json) if ns.input_json else {}
     # a --mode preset fills only the values not given explicitly; the plan shows what it set
-    load_values, generate_values = apply_mode(_values(LoadOptions, ns), _values(GenerateOptions, ns, base))
+    load_values, generate_values = apply_mode(given_values(LoadOptions, ns), given_values(GenerateOptions, ns, base))
     return LoadOptions(**load_values).validate(), GenerateOptions(**generate_values).validate()
 
 
@@ -191,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="make a talking video")
     gen.add_argument("--input-json", help="the reference's input JSON (prompt, cond_video, cond_audio, ...)")
     gen.add_argument("--dry-run", action="store_true", help="print the plan for the request and exit")
-    _add_schema(gen, LoadOptions)
-    _add_schema(gen, GenerateOptions)
+    add_schema(gen, LoadOptions)
+    add_schema(gen, GenerateOptions)
     gen.set_defaults(func=cmd_generate)
     doc = sub.add_parser("doctor", help="what this machine can run, with the reason for everything it cannot")
     doc.set_defaults(func=cmd_doctor)

@@ -25,6 +25,7 @@ import sys
 import threading
 
 from ..errors import OptionError
+from ..flags import add_schema, build_options
 from ..options import LoadOptions
 from .network import is_loopback
 
@@ -40,8 +41,6 @@ MAX_HEADER_BYTES = 16 * 2**10  # a request line and headers larger than this are
 
 
 def add_cli(subparsers) -> None:
-    from ..cli import _add_schema
-
     parser = subparsers.add_parser("serve", help="HTTP job service: submit jobs, watch them, resume after restarts")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; any other "
                         "address needs a token)")
@@ -64,7 +63,7 @@ def add_cli(subparsers) -> None:
                         "reads nothing of its response for as long is disconnected (default: 30)")
     parser.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds SIGTERM waits for requests "
                         "in flight (uploads) before closing them (default: 10)")
-    _add_schema(parser, LoadOptions)
+    add_schema(parser, LoadOptions)
     parser.set_defaults(func=cmd_serve)
 
 
@@ -188,7 +187,6 @@ def _load_pipelines(load: LoadOptions, devices: list[str]) -> list:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    from ..cli import _build
     from ..parallel.launch import PeerError
     from .store import JobStore
     from .uploads import Limits
@@ -215,7 +213,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                  "shutdown_timeout"):
         if not getattr(ns, name) > 0:
             raise OptionError(f"--{name.replace('_', '-')} must be positive, got {getattr(ns, name)}")
-    load = _build(LoadOptions, ns)
+    load = build_options(LoadOptions, ns)
     if getattr(load, "mode", "standard") != "standard":  # it sets per-job sampling values the queue does not apply yet
         raise OptionError(f"--mode {load.mode} is not available in the job service yet; pass its sampling values "
                           "(steps, text_scale, audio_scale, scheduler) in each job's options instead")
