@@ -41,6 +41,7 @@ import torch
 from ..errors import InfiniteTalkError, OptionError
 from ..models.configs import GEOMETRIES, GEOMETRY_14B, GEOMETRY_TINY, Geometry
 from ..models.offload import blocks_in_flight, parse_offload, swapped_block_indices
+from .resolved import Resolved
 
 GIB = 2**30
 # A setting fits when estimate + headroom <= free memory. The estimate is allocated bytes; the allocator reserves
@@ -671,8 +672,8 @@ def copy_notes(model: MemoryModel, est: Estimate, shape: Shape, sm: tuple[int, i
 # ---- the plan ------------------------------------------------------------------------------------------------------
 @dataclass
 class MemoryPlan:
-    offload: Any  # planner.Resolved
-    vae_tiling: Any  # planner.Resolved
+    offload: Resolved
+    vae_tiling: Resolved
     encoders_offloaded: bool
     estimate: Estimate | None
     free_gib: float | None
@@ -725,8 +726,6 @@ def plan_memory(options, caps, *, device: str, model_dtype: str, vae_dtype: str,
                 free_gib: float | None = None, shape: Shape | None = None) -> MemoryPlan:
     """Resolve `options.offload` and `options.vae_tiling` for this machine (see the module docstring).
     `free_gib` overrides the GPU's free memory (benchmarks, tests); `shape` the planned request."""
-    from .planner import Resolved
-
     geometry = _geometry_for(options)
     shape = shape or load_time_shape(geometry)
     kind, n = parse_offload(options.offload, geometry.dit.num_layers)

@@ -45,6 +45,7 @@ from ..options import LoadOptions
 from ..parallel.launch import World, world_from_env
 from .memory import plan_memory
 from .probe import BLACKWELL_SMS, Capabilities
+from .resolved import Resolved
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -82,16 +83,6 @@ NEEDS = {
     "fp4": "a Blackwell GPU (sm_100/sm_120/sm_121) with torchao NVFP4 kernels and model_precision bf16",
     "int8": "torchao >= 0.15 (int8 weight-only)",
 }
-
-
-@dataclass(frozen=True)
-class Resolved:
-    requested: str
-    effective: str
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
