@@ -73,8 +73,8 @@ def forward_cases(out: str) -> None:
 
 
 def pipeline_run(out: str, image: str, audio: str, audio2: str) -> int:
+    from infinite_talk.follower import run_follower
     from infinite_talk.options import LoadOptions
-    from infinite_talk.parallel.follower import run_follower
     from infinite_talk.parallel.launch import world_from_env
     from infinite_talk.pipeline import InfiniteTalkPipeline
 

@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from infinite_talk.errors import CheckpointError
-from infinite_talk.model_files import classify, resolve_model_files
+from infinite_talk.loading import resolve_model_files
+from infinite_talk.model_files import classify
 from infinite_talk.options import LoadOptions
 from infinite_talk.presets.tiny import ensure_tiny_models
 

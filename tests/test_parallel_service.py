@@ -231,9 +231,9 @@ class _Split:
 
 
 def test_a_follower_loads_what_rank_0_loads_and_again_only_when_it_changes(cache, monkeypatch):
+    from infinite_talk.follower import _Loader
     from infinite_talk.options import to_dict
     from infinite_talk.parallel import peers
-    from infinite_talk.parallel.follower import _Loader
     from infinite_talk.parallel.launch import World
 
     fp32 = to_dict(LoadOptions(preset="tiny", model_precision="fp32"))

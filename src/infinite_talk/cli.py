@@ -89,7 +89,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     world = world_from_env()
     if not world.is_leader:  # another process of a torchrun job: runs rank 0's transformer calls, writes nothing
-        from .parallel.follower import run_follower
+        from .follower import run_follower
 
         return run_follower(lambda: _generate_options(ns)[0], world, ns.debug, ns.dry_run)
     load, request = _generate_options(ns)

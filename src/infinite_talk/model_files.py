@@ -1,4 +1,5 @@
-"""Where the model files come from: the tiny preset, explicit paths, a models folder (found by content) or the hub.
+"""Where the model files come from: explicit paths, a models folder (found by content) or the hub (the tiny preset's
+files are written by presets/tiny.py; loading.resolve_model_files picks among them).
 
 Files in a models folder are classified by their tensor names (docs/FORMATS.md §0), never by file name. Explicit paths
 in `LoadOptions` always win. Without a folder or paths, the released repositories are fetched from the Hugging Face
@@ -14,7 +15,6 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .models.checkpoint_io import common_prefix, tensor_infos
-from .models.configs import GEOMETRY_14B, GEOMETRY_TINY, Geometry
 from .options import LoadOptions
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".gguf")
@@ -161,16 +161,3 @@ def files_from_hub(say: Callable[[str], None]) -> list[Path]:
             ) from err
         folders.append(Path(local))
     return folders
-
-
-def resolve_model_files(options: LoadOptions, say: Callable[[str], None]) -> tuple[ModelFiles, Geometry]:
-    if options.preset == "tiny":
-        from .presets.tiny import ensure_tiny_models
-
-        return ensure_tiny_models(), GEOMETRY_TINY
-    explicit = [options.transformer, options.vae, options.t5, options.t5_tokenizer, options.clip, options.wav2vec]
-    if all(explicit):
-        return ModelFiles([options.transformer], options.adapter, options.vae, options.t5, options.t5_tokenizer,
-                          options.clip, options.wav2vec), GEOMETRY_14B
-    roots = [Path(options.models_dir)] if options.models_dir else files_from_hub(say)
-    return files_from_folder(options, roots), GEOMETRY_14B

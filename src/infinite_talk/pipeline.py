@@ -20,15 +20,15 @@ import torch
 
 from . import __version__
 from .errors import CancelledError, InputError, Interrupted, NotLoadedError, OptionError
+from .loading import load_planned_transformer, refuse_double_quantization, resolve_model_files
 from .media.audio import load_audio, load_audio_original, loudness_normalize
 from .media.color import ColorMatcher, color_correct
 from .media.frames import FrameSource, bucket_for, person_masks, resize_and_centercrop
 from .media.frames_hash import FramesHash, hashed
 from .media.mp4 import Mp4Writer, frames_to_uint8, soundtrack_rate
 from .media.request_check import CheckedRequest, check_request
-from .model_files import ModelFiles, resolve_model_files
+from .model_files import ModelFiles
 from .models.configs import Geometry
-from .models.lora import apply_loras
 from .options import GenerateOptions, LoadOptions, to_dict
 from .parallel.launch import PeerError
 from .presets.fast import plan_lines as fast_mode_lines
@@ -99,7 +99,7 @@ class InfiniteTalkPipeline:
         files, geometry = resolve_model_files(options, say)
         if self.peers is not None:
             self.peers.files_ready(to_dict(options))  # the other processes load their transformer now
-        _refuse_double_quantization(plan, files)
+        refuse_double_quantization(plan, files)
 
         from .models.audio_encoder import load_audio_encoder
         from .models.image_encoder import load_image_encoder
@@ -440,42 +440,6 @@ class InfiniteTalkPipeline:
                                    chunks.num_chunks, frames_done, out_path)
 
 
-def load_planned_transformer(plan, options: LoadOptions, files: ModelFiles, geometry: Geometry, say, parallel=None):
-    """The transformer as `plan` says: loaded, LoRAs applied, quantized, attention set, sequence-parallel (when
-    `parallel` is given), compiled, placed. Returns (transformer, loras, quantization report, offload report)."""
-    from .models.compilation import compile_blocks
-    from .models.offload import apply_offload
-    from .models.quantize import quantize_transformer
-    from .models.transformer_loading import load_transformer
-
-    say("loading transformer")
-    device = torch.device(plan.device)
-    # Quantized runs load on the CPU and quantize layer by layer on the way to the device: the device never holds
-    # the full-precision model.
-    # With offload the transformer stays in host memory until `apply_offload` places its parts.
-    host = torch.device("cpu")
-    offloading = plan.offload != "none"
-    load_device = device if plan.quantization == "disabled" and not offloading else host
-    transformer = load_transformer(files.transformer, files.adapter, geometry, dtype=plan.torch_dtype,
-                                   device=load_device)
-    # LoRAs: merged into the full-precision weights, or hooked onto the layers (unmerged), before quantization.
-    loras = apply_loras(transformer, options.lora, options.lora_mode, device, say)
-    if plan.quantization != "disabled":
-        say(f"quantizing transformer ({plan.quantization})")
-    quantization = quantize_transformer(transformer, plan.quantization, host if offloading else device)
-    if loras.handle is not None:
-        loras.handle.verify(transformer)
-    transformer.set_attention_backend(plan.attention_backend)
-    if parallel is not None:
-        parallel.attach(transformer)
-    if plan.compile:  # the 40 blocks share one compiled graph per input shape; the compile cache outlives the process
-        compile_blocks(transformer)
-    if offloading:
-        say(f"placing transformer weights ({plan.offload})")
-    offload = apply_offload(transformer, plan.offload, device)
-    return transformer, loras, quantization, offload
-
-
 def _memory_record(load_plan: dict | None, device: torch.device) -> dict:
     """The plan's estimate next to what this process really used (GPU peak since the process started)."""
     planned = ((load_plan or {}).get("memory") or {}).get("estimate")
@@ -514,20 +478,6 @@ def _resume_into(resume: ChunkState, chunks, generator: torch.Generator, loop: C
     for name, value in resume.stats.items():
         setattr(loop.stats, name, value)
     return resume.next_chunk, resume.context_frames
-
-
-def _refuse_double_quantization(plan, files: ModelFiles) -> None:
-    """GGUF weights are already quantized (and dequantized per layer); a second quantization is refused."""
-    from .models.checkpoint_io import is_gguf
-    from .models.transformer_loading import resolve_transformer_files
-
-    if plan.quantization == "disabled":
-        return
-    gguf_files = [p for p in resolve_transformer_files(files.transformer, files.adapter) if is_gguf(p)]
-    if gguf_files:
-        raise OptionError(f"quantization={plan.options['quantization'].requested}: {gguf_files[0]} is already "
-                          "GGUF-quantized (dequantized per layer as it runs); use --quantization disabled with GGUF "
-                          "files, or a .safetensors model to quantize")
 
 
 def _finish_video(writer: Mp4Writer, frames: int) -> str | None:

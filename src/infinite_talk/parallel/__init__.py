@@ -3,5 +3,5 @@
 launch.py    the launcher's world (RANK / WORLD_SIZE / LOCAL_RANK), the process group (NCCL or gloo), SIGTERM
 sequence.py  sequence parallelism of the transformer on diffusers' context-parallel attention (Ulysses / ring)
 peers.py     rank 0 runs the pipeline and sends every transformer call; the other processes run the same forward
-follower.py  the process entry of ranks other than 0 (transformer only, nothing written; `generate` and `serve`)
+             (their process entry is ../follower.py, above the planner and loading it uses)
 """

@@ -9,7 +9,7 @@ everything the server writes is private to its user (umask 077).
 
 `torchrun --nproc-per-node N -m infinite_talk.cli serve ...`: rank 0 is the service (API, job store, one worker);
 its worker runs every job's transformer calls sequence-parallel over all N processes. The other processes serve
-no HTTP and write nothing: they follow job after job (parallel/follower.py) until rank 0 stops.
+no HTTP and write nothing: they follow job after job (follower.py) until rank 0 stops.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise OptionError(f"--mode {load.mode} is not available in the job service yet; pass its sampling values "
                           "(steps, text_scale, audio_scale, scheduler) in each job's options instead")
     if not world.is_leader:  # no HTTP, no files: the transformer calls of rank 0's jobs, until it stops
-        from ..parallel.follower import run_follower
+        from ..follower import run_follower
 
         return run_follower(lambda: load, world, ns.debug)
     devices = worker_devices(load.device, ns.workers)

@@ -9,11 +9,19 @@ transformer call in flight (stopping here first would break rank 0's job off mid
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 
-from ..errors import InfiniteTalkError
-from .launch import PeerError, World, stop_group
+import torch
+
+from .errors import InfiniteTalkError
+from .loading import load_planned_transformer, refuse_double_quantization, resolve_model_files
+from .options import LoadOptions, from_dict
+from .parallel.launch import PeerError, World, bind_device, start_group, stop_group
+from .parallel.peers import follow
+from .plan.planner import resolve
+from .plan.probe import probe
 
 
 def run_follower(load_options, world: World, debug: bool = False, dry_run: bool = False) -> int:
@@ -46,13 +54,6 @@ def run_follower(load_options, world: World, debug: bool = False, dry_run: bool 
 
 
 def _follow(options, world: World, signalled: list[int]) -> None:
-    import torch
-
-    from ..plan.planner import resolve
-    from ..plan.probe import probe
-    from .launch import bind_device, start_group
-    from .peers import follow
-
     options.validate()
     bind_device(world)
     plan = resolve(options, probe(), world)
@@ -70,16 +71,6 @@ class _Loader:
         self.options = self.loaded = None
 
     def __call__(self, wanted: dict):
-        import gc
-
-        import torch
-
-        from ..model_files import resolve_model_files
-        from ..options import LoadOptions, from_dict
-        from ..pipeline import _refuse_double_quantization, load_planned_transformer
-        from ..plan.planner import resolve
-        from ..plan.probe import probe
-
         options = from_dict(LoadOptions, wanted)
         if options == self.options:
             return self.loaded
@@ -92,7 +83,7 @@ class _Loader:
             raise PeerError(f"the processes are split as {self.parallel.describe()}; rank 0 asked for ulysses "
                             f"{plan.ulysses} × ring {plan.ring}")
         files, geometry = resolve_model_files(options, lambda msg: None)
-        _refuse_double_quantization(plan, files)
+        refuse_double_quantization(plan, files)
         transformer, *_ = load_planned_transformer(plan, options, files, geometry, lambda msg: None, self.parallel)
         self.options, self.loaded = options, (transformer, torch.device(plan.device))
         return self.loaded
