@@ -9,6 +9,8 @@ planner's job (`infinite_talk.plan`), which refuses with the reason instead of f
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,56 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 SCHEDULERS = ("euler", "unipc", "dpm++", "distill4")
 AUDIO_MODES = ("para", "add")
 SIZES = (480, 720)
+MAX_BLOCKS = 40  # the 14B transformer; smaller geometries are checked against their own block count
+OFFLOAD_FORMS = "auto, none, sequential or blocks:N (N transformer blocks kept in host memory, 1-40)"
+LORA_STRENGTH_RANGE = (-10.0, 10.0)
+_BLOCKS = re.compile(r"blocks:(\d+)")
+
+
+# ---- the two values with a syntax of their own, parsed here (by validate() and the layers that use them) ----
+def parse_offload(value: str, num_blocks: int = MAX_BLOCKS) -> tuple[str, int]:
+    """`("auto"|"none"|"sequential", 0)` or `("blocks", N)`; `OptionError` for anything else."""
+    if value in ("auto", "none", "sequential"):
+        return value, 0
+    m = _BLOCKS.fullmatch(value) if isinstance(value, str) else None
+    if not m:
+        raise OptionError(f"offload: unknown value {value!r}; choose {OFFLOAD_FORMS}")
+    n = int(m.group(1))
+    if not 1 <= n <= num_blocks:
+        raise OptionError(f"offload=blocks:{n}: the transformer has {num_blocks} blocks; choose blocks:1 to "
+                          f"blocks:{num_blocks}")
+    return "blocks", n
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    path: str
+    strength: float = 1.0
+
+
+def parse_lora_entries(entries: list[str] | tuple[str, ...] | None) -> list[LoraEntry]:
+    """`PATH` or `PATH:STRENGTH` (a trailing `:number`; Windows drive colons are left alone) → entries."""
+    if entries is None:
+        return []
+    if isinstance(entries, str) or not isinstance(entries, list | tuple):
+        raise OptionError(f"lora: expected a list of 'PATH[:STRENGTH]' entries, got {entries!r}")
+    out = []
+    for entry in entries:
+        if not isinstance(entry, str) or not entry.strip():
+            raise OptionError(f"lora: each entry is 'PATH' or 'PATH:STRENGTH', got {entry!r}")
+        path, strength = entry, 1.0
+        head, sep, tail = entry.rpartition(":")
+        if sep and head and not tail.startswith(("\\", "/")):
+            try:
+                strength = float(tail)
+                path = head
+            except ValueError:
+                pass
+        lo, hi = LORA_STRENGTH_RANGE
+        if not math.isfinite(strength) or not lo <= strength <= hi:
+            raise OptionError(f"lora: strength {tail} of {path} is outside [{lo:g}, {hi:g}]")
+        out.append(LoraEntry(path, strength))
+    return out
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, **extra: Any):
@@ -87,12 +139,8 @@ class LoadOptions:
 
     def validate(self) -> LoadOptions:
         _check_choices(self)
-        from .models.offload import parse_offload
-
         parse_offload(self.offload)
         if self.lora:
-            from .models.lora import parse_lora_entries
-
             parse_lora_entries(self.lora)
         if self.mode == "fast" and not self.lora:
             raise OptionError("mode=fast needs a step/CFG-distilled LoRA: pass --lora FILE (e.g. a lightx2v I2V "

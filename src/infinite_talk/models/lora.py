@@ -27,7 +27,6 @@ Modes:
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,11 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, OptionError
+from ..options import LoraEntry, parse_lora_entries
 from .checkpoint_io import load_state_dict, tensor_infos
 from .transformer_loading import model_to_original_key
 
 MODES = ("merged", "unmerged")
-STRENGTH_RANGE = (-10.0, 10.0)
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "pipe.dit.",
              "model.", "lora_unet__", "lora_unet_", "lycoris_", "lora_transformer_")
 _KEY = re.compile(
@@ -52,38 +51,6 @@ _KEY = re.compile(
 _ROLE = {"lora_down": "down", "lora_A": "down", "lora_up": "up", "lora_B": "up"}
 # model width -> the model a mismatching LoRA was probably made for (docs/FORMATS.md §1)
 _KNOWN_DIMS = {1536: "Wan 1.3B", 3072: "Wan2.2 5B", 4096: "LongCat", 5120: "Wan 14B"}
-
-
-# ---- options -------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LoraEntry:
-    path: str
-    strength: float = 1.0
-
-
-def parse_lora_entries(entries: list[str] | tuple[str, ...] | None) -> list[LoraEntry]:
-    """`PATH` or `PATH:STRENGTH` (a trailing `:number`; Windows drive colons are left alone) → entries."""
-    if entries is None:
-        return []
-    if isinstance(entries, str) or not isinstance(entries, list | tuple):
-        raise OptionError(f"lora: expected a list of 'PATH[:STRENGTH]' entries, got {entries!r}")
-    out = []
-    for entry in entries:
-        if not isinstance(entry, str) or not entry.strip():
-            raise OptionError(f"lora: each entry is 'PATH' or 'PATH:STRENGTH', got {entry!r}")
-        path, strength = entry, 1.0
-        head, sep, tail = entry.rpartition(":")
-        if sep and head and not tail.startswith(("\\", "/")):
-            try:
-                strength = float(tail)
-                path = head
-            except ValueError:
-                pass
-        lo, hi = STRENGTH_RANGE
-        if not math.isfinite(strength) or not lo <= strength <= hi:
-            raise OptionError(f"lora: strength {tail} of {path} is outside [{lo:g}, {hi:g}]")
-        out.append(LoraEntry(path, strength))
-    return out
 
 
 # ---- key resolution ----------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import OptionError
+from ..options import parse_offload
 
 if TYPE_CHECKING:
     from diffusers.hooks.group_offloading import ModuleGroup
@@ -43,25 +44,8 @@ if TYPE_CHECKING:
 # diffusers is imported when hooks are installed, so validating options stays light
 _GROUP_OFFLOADING = "group_offloading"  # diffusers.hooks.group_offloading._GROUP_OFFLOADING (asserted in tests)
 
-MAX_BLOCKS = 40  # the 14B transformer; smaller geometries are checked against their own block count
-OFFLOAD_FORMS = "auto, none, sequential or blocks:N (N transformer blocks kept in host memory, 1-40)"
 _PREFETCH = "infinite_talk_prefetch"
 _COMPACT_SWAP = "infinite_talk_compact_swap"
-_BLOCKS = re.compile(r"blocks:(\d+)")
-
-
-def parse_offload(value: str, num_blocks: int = MAX_BLOCKS) -> tuple[str, int]:
-    """`("auto"|"none"|"sequential", 0)` or `("blocks", N)`; `OptionError` for anything else."""
-    if value in ("auto", "none", "sequential"):
-        return value, 0
-    m = _BLOCKS.fullmatch(value) if isinstance(value, str) else None
-    if not m:
-        raise OptionError(f"offload: unknown value {value!r}; choose {OFFLOAD_FORMS}")
-    n = int(m.group(1))
-    if not 1 <= n <= num_blocks:
-        raise OptionError(f"offload=blocks:{n}: the transformer has {num_blocks} blocks; choose blocks:1 to "
-                          f"blocks:{num_blocks}")
-    return "blocks", n
 
 
 def swapped_block_indices(num_blocks: int, n: int) -> list[int]:

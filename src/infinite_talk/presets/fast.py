@@ -22,7 +22,7 @@ import dataclasses
 import math
 
 from ..errors import OptionError
-from ..options import GenerateOptions, LoadOptions
+from ..options import GenerateOptions, LoadOptions, parse_lora_entries
 
 FAST_SAMPLING = {"scheduler": "distill4", "steps": 4, "shift": 5.0, "text_scale": 1.0, "audio_scale": 1.0}
 DISTILL_STEPS = 4
@@ -84,8 +84,6 @@ def plan_lines(load: LoadOptions | None, request: GenerateOptions | None = None,
         return []
     lines = []
     if not sampling_only:
-        from ..models.lora import parse_lora_entries
-
         loras = ", ".join(f"{e.path} (strength {e.strength:g})" for e in parse_lora_entries(load.lora))
         lines.append(f"fast mode: lora {loras}, {load.lora_mode} — must be a step/CFG-distilled LoRA (lightx2v, "
                      "FusioniX); a plain style LoRA gives a broken video at 4 steps")
