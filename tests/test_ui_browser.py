@@ -132,11 +132,13 @@ def _speech(folder: Path, seconds: int) -> Path:
 def _fill_request(page, expect, audio: Path, steps: int) -> None:
     page.locator("#ref-image input[type=file]").set_input_files(str(EXAMPLES / "portrait.png"))
     page.locator("#audio1 input[type=file]").set_input_files(str(audio))
+    # The upload's plan update first (the audio length is known), then the steps: one change at a time, so a slow
+    # upload cannot land after the steps and be the one the test reads.
+    expect(page.locator("#request-plan")).to_contain_text("model calls: ", timeout=30_000)
     box = page.locator("#steps input")
     box.fill(str(steps))
     box.press("Tab")
-    expect(page.locator("#request-plan")).to_contain_text(f"steps that run: {steps}")
-    expect(page.locator("#request-plan")).to_contain_text("model calls: ")  # the audio length is known
+    expect(page.locator("#request-plan")).to_contain_text(f"steps that run: {steps}", timeout=30_000)
 
 
 def _video_duration(page) -> float:
