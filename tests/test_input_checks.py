@@ -199,9 +199,12 @@ def test_interrupt_during_sampling_keeps_a_valid_video_and_says_where(cache, tmp
         return show
 
     monkeypatch.setattr(cli_module, "_progress_printer", stop_at_chunk_two)
+    scans, check_audio = [], request_check.check_audio
+    monkeypatch.setattr(request_check, "check_audio", lambda *a, **k: scans.append(a) or check_audio(*a, **k))
     out = tmp_path / "o.mp4"
     code, err, _ = _cli(["--image", PORTRAIT, "--audio", str(one_second), *FAST, "--out", str(out)], capsys)
     assert code == 130, err
+    assert len(scans) == 1  # checked once before loading; the pipeline takes that check instead of scanning again
     assert err.splitlines()[-1] == (f"interrupted (Ctrl-C / SIGINT); the 9 finished frames are kept in {out}; the "
                                     f"record is in {out.with_suffix('.json')}")
     assert probe_media(out).frames == 9  # a valid mp4 of the first chunk

@@ -114,7 +114,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             print("  " + line, file=sys.stderr)
         for note in plan.get("notes", []):
             print("note: " + note, file=sys.stderr)
-        result = pipe.generate(request, progress=_progress_printer())
+        result = pipe.generate(request, progress=_progress_printer(), checked=checked)
     finally:
         pipe.release_processes()  # a torchrun job's other processes stop with rank 0
     eff = result.sidecar["effective"]

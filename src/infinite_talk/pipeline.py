@@ -247,16 +247,21 @@ class InfiniteTalkPipeline:
         should_stop: Callable[[], bool] | None = None,
         on_checkpoint: Callable[[ChunkState, np.ndarray], None] | None = None,
         resume: ChunkState | None = None,
+        checked: CheckedRequest | None = None,
     ) -> GenerateResult:
         """Make the video. `progress` gets chunk/step/ETA dicts, `on_chunk(k, uint8 frames [t,H,W,3])` each chunk's
         new frames (previews). On cancel or failure the frames finished so far are kept in the mp4.
-        `on_checkpoint` / `resume`: see `ChunkState` (a resumed run gives the frames of an unbroken one)."""
+        `on_checkpoint` / `resume`: see `ChunkState` (a resumed run gives the frames of an unbroken one).
+        `checked`: the caller's `check_request` of this very request (the CLI checks before loading); used instead of
+        checking again when it matches, else the request is checked here."""
         request.validate()
         self._require_models()
         if self.peers is not None:
             self.peers.check_request(request)
             self.peers.start_run()
-        checked = check_request(request, checkpoint=on_checkpoint is not None)
+        checkpoint = on_checkpoint is not None
+        if checked is None or checked.request != request or checked.checkpoint != checkpoint:
+            checked = check_request(request, checkpoint=checkpoint)
         out_path = checked.out
         out_path.parent.mkdir(parents=True, exist_ok=True)
         timings: dict[str, float] = {}

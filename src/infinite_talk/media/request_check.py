@@ -51,6 +51,8 @@ class CheckedRequest:
     output_bytes: int  # estimated bytes the run writes (mp4, plus raw checkpoint frames when checkpointing)
     free_bytes: int
     notes: list[str] = field(default_factory=list)
+    request: GenerateOptions | None = None  # what was checked (a caller may hand the result on instead of re-checking)
+    checkpoint: bool = False
 
 
 def check_reference(path: str | Path) -> ReferenceInfo:
@@ -179,4 +181,4 @@ def check_request(request: GenerateOptions, checkpoint: bool = False,
     out, free = check_output(request.out, [request.image or request.video, *paths], needed)
     notes = [f"{a.path}: {a.channels} audio channels are averaged to mono for the model and the soundtrack"
              for a in audio if a.channels > 2]
-    return CheckedRequest(reference, audio, out, frames, needed, free, notes)
+    return CheckedRequest(reference, audio, out, frames, needed, free, notes, request, checkpoint)
