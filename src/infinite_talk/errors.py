@@ -18,7 +18,15 @@ class InputError(InfiniteTalkError):
 
 
 class OptionError(InfiniteTalkError):
-    """An option value is unknown, or cannot run on this machine."""
+    """An option value is unknown, of the wrong type, or cannot run on this machine.
+
+    `option` names the field it is about (a `LoadOptions`/`GenerateOptions` field name, None when no one field is) and
+    `value` is the value refused, so that callers (the UI marks the control) never parse the message."""
+
+    def __init__(self, message: str, option: str | None = None, value: object = None):
+        super().__init__(message)
+        self.option = option
+        self.value = value
 
 
 class NotLoadedError(InfiniteTalkError):

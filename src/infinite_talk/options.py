@@ -2,15 +2,22 @@
 
 `LoadOptions` says which model files to load and how (precision, quantization, attention). `GenerateOptions` says
 what to make from which inputs. Each field carries its help text and allowed values in `metadata`, so every front end
-builds its controls from here. `validate()` checks values only; whether a value can *run* on this machine is the
-planner's job (`infinite_talk.plan`), which refuses with the reason instead of falling back silently.
+builds its controls from here, and every front end reads what the user gave through `read`: it turns raw values
+(command-line strings, widget values, JSON) into typed ones and validates them, refusing with an `OptionError` that
+names the field. `validate()` checks types, choices, ranges and the rules between fields; whether a value can *run*
+on this machine is the planner's job (`infinite_talk.plan`), which refuses with the reason instead of falling back
+silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,11 +48,11 @@ def parse_offload(value: str, num_blocks: int = MAX_BLOCKS) -> tuple[str, int]:
         return value, 0
     m = _BLOCKS.fullmatch(value) if isinstance(value, str) else None
     if not m:
-        raise OptionError(f"offload: unknown value {value!r}; choose {OFFLOAD_FORMS}")
+        raise OptionError(f"offload: unknown value {value!r}; choose {OFFLOAD_FORMS}", option="offload", value=value)
     n = int(m.group(1))
     if not 1 <= n <= num_blocks:
         raise OptionError(f"offload=blocks:{n}: the transformer has {num_blocks} blocks; choose blocks:1 to "
-                          f"blocks:{num_blocks}")
+                          f"blocks:{num_blocks}", option="offload", value=value)
     return "blocks", n
 
 
@@ -60,11 +67,13 @@ def parse_lora_entries(entries: list[str] | tuple[str, ...] | None) -> list[Lora
     if entries is None:
         return []
     if isinstance(entries, str) or not isinstance(entries, list | tuple):
-        raise OptionError(f"lora: expected a list of 'PATH[:STRENGTH]' entries, got {entries!r}")
+        raise OptionError(f"lora: expected a list of 'PATH[:STRENGTH]' entries, got {entries!r}", option="lora",
+                          value=entries)
     out = []
     for entry in entries:
         if not isinstance(entry, str) or not entry.strip():
-            raise OptionError(f"lora: each entry is 'PATH' or 'PATH:STRENGTH', got {entry!r}")
+            raise OptionError(f"lora: each entry is 'PATH' or 'PATH:STRENGTH', got {entry!r}", option="lora",
+                              value=entry)
         path, strength = entry, 1.0
         head, sep, tail = entry.rpartition(":")
         if sep and head and not tail.startswith(("\\", "/")):
@@ -75,7 +84,8 @@ def parse_lora_entries(entries: list[str] | tuple[str, ...] | None) -> list[Lora
                 pass
         lo, hi = LORA_STRENGTH_RANGE
         if not math.isfinite(strength) or not lo <= strength <= hi:
-            raise OptionError(f"lora: strength {tail} of {path} is outside [{lo:g}, {hi:g}]")
+            raise OptionError(f"lora: strength {tail} of {path} is outside [{lo:g}, {hi:g}]", option="lora",
+                              value=entry)
         out.append(LoraEntry(path, strength))
     return out
 
@@ -138,14 +148,14 @@ class LoadOptions:
                            "processes / ulysses (1 when ulysses is not given)", minimum=1, maximum=4096)
 
     def validate(self) -> LoadOptions:
-        _check_choices(self)
+        _check_fields(self)
         parse_offload(self.offload)
         if self.lora:
             parse_lora_entries(self.lora)
         if self.mode == "fast" and not self.lora:
             raise OptionError("mode=fast needs a step/CFG-distilled LoRA: pass --lora FILE (e.g. a lightx2v I2V "
                               "cfg-step-distill LoRA); with an already distilled transformer set --steps 4 "
-                              "--text-scale 1 --audio-scale 1 yourself instead")
+                              "--text-scale 1 --audio-scale 1 yourself instead", option="mode", value=self.mode)
         return self
 
 
@@ -159,7 +169,8 @@ class GenerateOptions:
     audio2: str | None = opt(None, "speech of speaker 2 (optional)")
     audio_mode: str = opt("para", "two speakers: 'para' simultaneous, 'add' speaker 1 then speaker 2",
                           choices=AUDIO_MODES)
-    bbox: list | None = opt(None, "per-speaker boxes [[row_min, col_min, row_max, col_max], ...] in source pixels")
+    bbox: list[list[int]] | None = opt(None, "per-speaker boxes [[row_min, col_min, row_max, col_max], ...] in "
+                                       "source pixels (as text: 'r0 c0 r1 c1; r0 c0 r1 c1')")
     prompt: str = opt(DEFAULT_PROMPT, "what the video shows")
     negative_prompt: str = opt(DEFAULT_NEGATIVE_PROMPT, "null-text condition for guidance")
     size: int = opt(480, "resolution tier", choices=SIZES)
@@ -198,15 +209,165 @@ class GenerateOptions:
         return 7.0 if self.size == 480 else 11.0
 
     def validate(self) -> GenerateOptions:
-        _check_choices(self)
+        _check_fields(self)
         if (self.frame_num - 1) % 4:
-            raise OptionError(f"frame_num must be 4n+1 (e.g. 81), got {self.frame_num}")
+            raise OptionError(f"frame_num must be 4n+1 (e.g. 81), got {self.frame_num}", option="frame_num",
+                              value=self.frame_num)
         if (self.motion_frames - 1) % 4 or self.motion_frames >= self.frame_num:
-            raise OptionError(f"motion_frames must be 4k+1 and below frame_num, got {self.motion_frames}")
+            raise OptionError(f"motion_frames must be 4k+1 and below frame_num, got {self.motion_frames}",
+                              option="motion_frames", value=self.motion_frames)
         if self.cache_threshold is not None and self.step_cache == "off":
             raise OptionError("cache_threshold has no effect with step_cache off; choose --step-cache teacache or "
-                              "firstblock, or drop the threshold")
+                              "firstblock, or drop the threshold", option="cache_threshold",
+                              value=self.cache_threshold)
         return self
+
+
+# ---- reading: raw values from any front end → typed, validated options ------------------------------------------
+# Kinds of field, from the type hints: bool, int, float, str, lines (list[str]) and boxes (list[list[int]]).
+_WHY = {"bool": "must be true or false", "int": "must be a whole number", "float": "is not a number",
+        "str": "must be text", "lines": "must be a list of text entries (or text, one entry per line)"}
+BOX_FORMS = ("[[row_min, col_min, row_max, col_max], ...] or the text 'r0 c0 r1 c1; r0 c0 r1 c1' (one box per "
+             "speaker, whole source pixels)")
+
+
+@functools.cache
+def _kinds(cls) -> dict[str, tuple[str, bool]]:
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        optional = type(None) in args
+        (base,) = [a for a in args if a is not type(None)]
+        if typing.get_origin(base) is list:
+            (item,) = typing.get_args(base)
+            out[name] = ("boxes" if typing.get_origin(item) is list else "lines", optional)
+        else:
+            out[name] = (base.__name__, optional)
+    return out
+
+
+def field_kind(cls, name: str) -> tuple[str, bool]:
+    """`(kind, optional)` of a field: kind is bool, int, float, str, lines (a list of text) or boxes (speaker boxes);
+    optional when None is a value (it means the default)."""
+    return _kinds(cls)[name]
+
+
+def _refusal(name: str, value: Any, why: str) -> OptionError:
+    return OptionError(f"{name}: {value!r} {why}", option=name, value=value)
+
+
+def coerce(cls, name: str, raw: Any) -> Any:
+    """The typed value of field `name` of `cls` from a raw value of any front end (command-line text, a widget's
+    value, JSON), or None when nothing was given (None, or blank text for a non-text field or an optional one: the
+    default applies). Wrong types are refused with an `OptionError` naming the field; choices and ranges are checked
+    by `validate()`."""
+    kind, optional = field_kind(cls, name)
+    if raw is None or isinstance(raw, str) and not raw.strip() and (optional or kind != "str"):
+        return None
+    if kind == "boxes":
+        return _boxes(name, raw)
+    if kind == "lines":
+        if isinstance(raw, str):
+            return [line.strip() for line in raw.splitlines() if line.strip()]
+        if isinstance(raw, list | tuple) and all(isinstance(entry, str) for entry in raw):
+            return list(raw)
+        raise _refusal(name, raw, _WHY[kind])
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+            return raw.strip().lower() == "true"
+        raise _refusal(name, raw, _WHY[kind])
+    if kind == "str":
+        if isinstance(raw, str):
+            return raw
+        raise _refusal(name, raw, _WHY[kind])
+    number = _number(name, raw, kind)
+    if kind == "int":
+        if not number.is_integer():
+            raise _refusal(name, raw, _WHY[kind])
+        return raw if isinstance(raw, int) else int(number)
+    return number
+
+
+def _number(name: str, raw: Any, kind: str) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise _refusal(name, raw, _WHY[kind])
+    if isinstance(raw, int):
+        return raw  # exact: a large int stays exact
+    try:
+        number = float(raw)
+    except (ValueError, OverflowError):
+        raise _refusal(name, raw, _WHY[kind]) from None
+    if not math.isfinite(number):
+        raise _refusal(name, raw, "is not a finite number")
+    return number
+
+
+def _boxes(name: str, raw: Any) -> list[list[int]] | None:
+    """Speaker boxes from text ('r0 c0 r1 c1; ...', commas and brackets allowed), from a list of boxes (JSON), or from
+    the command line's `--bbox R0 C0 R1 C1 --bbox ...` (lists of text numbers)."""
+    if isinstance(raw, str):
+        texts = [raw]
+    elif isinstance(raw, list | tuple) and all(isinstance(box, list | tuple | str) for box in raw):
+        texts = []
+        for box in raw:
+            if isinstance(box, str):
+                texts.append(box)
+            elif all(isinstance(v, str) or isinstance(v, int | float) and not isinstance(v, bool) for v in box):
+                texts.append(" ".join(str(v) for v in box))
+            else:
+                raise _refusal(name, raw, f"must be {BOX_FORMS}")
+    else:
+        raise _refusal(name, raw, f"must be {BOX_FORMS}")
+    parts = [part.strip() for text in texts for part in re.split(r"[;\n]", text) if part.strip()]
+    boxes = []
+    for n, part in enumerate(parts):
+        box = []
+        for token in (t for t in re.split(r"[,\s]+", part.replace("[", " ").replace("]", " ")) if t):
+            try:
+                value = float(token)
+            except ValueError:
+                break
+            if not value.is_integer():
+                break
+            box.append(int(value))
+        else:
+            if len(box) == 4:
+                boxes.append(box)
+                continue
+        raise OptionError(f"{name}: box {n + 1} ({part!r}) must be 4 whole numbers row_min, col_min, row_max, "
+                          "col_max; separate speakers with ';'", option=name, value=raw)
+    return boxes or None
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "lines":
+        return isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+    return isinstance(value, list | tuple) and all(  # boxes
+        isinstance(box, list | tuple) and len(box) == 4 and all(_type_ok("int", v) for v in box) for box in value)
+
+
+def _check_fields(obj: Any) -> None:
+    """Types first (a text where a number belongs is refused by name, not met as a TypeError later), then choices and
+    ranges."""
+    for name, (kind, optional) in _kinds(type(obj)).items():
+        value = getattr(obj, name)
+        if value is None and optional or _type_ok(kind, value):
+            continue
+        if isinstance(value, float) and kind == "float":
+            raise _refusal(name, value, "is not a finite number")
+        why = f"must be {BOX_FORMS}" if kind == "boxes" else _WHY[kind]
+        raise _refusal(name, value, f"{why}, not {type(value).__name__}")
+    _check_choices(obj)
 
 
 def _check_choices(obj: Any) -> None:
@@ -215,21 +376,35 @@ def _check_choices(obj: Any) -> None:
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
             shown = ", ".join(str(c) for c in choices if c is not None)
-            raise OptionError(f"{f.name}: unknown value {value!r}; choose one of: {shown}")
+            raise OptionError(f"{f.name}: unknown value {value!r}; choose one of: {shown}", option=f.name,
+                              value=value)
         if value is None:
             continue
         lo, hi = f.metadata.get("minimum"), f.metadata.get("maximum")
         if lo is not None and value < lo or hi is not None and value > hi:
-            raise OptionError(f"{f.name}: {value} is outside [{lo}, {hi if hi is not None else '∞'}]")
+            raise OptionError(f"{f.name}: {value} is outside [{lo}, {hi if hi is not None else '∞'}]",
+                              option=f.name, value=value)
 
 
-def from_dict(cls, data: dict[str, Any]):
-    """Build options from a plain dict (JSON, form fields); unknown keys are errors, never ignored."""
+def read_values(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The typed values given in `raw` (field name → raw value from any front end), those not given left out;
+    unknown names are errors, never ignored."""
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(raw) - names)
     if unknown:
-        raise OptionError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}")
-    return cls(**data).validate()
+        raise OptionError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}", option=unknown[0],
+                          value=raw[unknown[0]])
+    values = {name: coerce(cls, name, value) for name, value in raw.items()}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def read(cls, raw: Mapping[str, Any]):
+    """Options of class `cls` from raw values (the CLI's flags, the UI's widgets, the API's JSON), coerced and
+    validated: the one reader behind every front end. A field not given (None, blank) keeps its default."""
+    return cls(**read_values(cls, raw)).validate()
+
+
+from_dict = read  # a to_dict() dict (the follower's copy of the leader's options) reads back unchanged
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
