@@ -732,7 +732,8 @@ def plan_memory(options, caps, *, device: str, model_dtype: str, vae_dtype: str,
     if device == "cpu":
         if kind in ("blocks", "sequential"):
             where = "this run uses device=cpu" if caps.gpu else "this machine has no GPU"
-            raise OptionError(f"offload={options.offload}: offload moves weights between GPU and host; {where}")
+            raise OptionError(f"offload={options.offload}: offload moves weights between GPU and host; {where}",
+                              option="offload", value=options.offload)
         offload = Resolved(options.offload, "none", "CPU run: every weight is in host memory already")
         tiling = {"auto": Resolved("auto", "off", "CPU run: no GPU memory to save"),
                   "on": Resolved("on", "on", "requested: tiled VAE encode/decode (less host memory, seams possible)"),
@@ -742,10 +743,11 @@ def plan_memory(options, caps, *, device: str, model_dtype: str, vae_dtype: str,
     if quantization != "disabled" and kind == "sequential":
         raise OptionError(f"offload=sequential: {QUANTIZED_OFFLOAD}; use --offload blocks:{geometry.dit.num_layers} "
                           f"(every block swapped in its compact {quantization} form), or --quantization disabled "
-                          "with --offload sequential")
+                          "with --offload sequential", option="offload", value=options.offload)
     if quantization != "disabled" and kind == "blocks" and options.compile:
         raise OptionError(f"offload={options.offload}: {COMPILED_QUANTIZED_SWAP}; drop --compile, or use "
-                          f"--offload none with quantization={quantization} and --compile")
+                          f"--offload none with quantization={quantization} and --compile", option="offload",
+                          value=options.offload)
     model = MemoryModel(geometry, model_dtype, vae_dtype, quantization, t5_quantization, attention_backend,
                         compiled=options.compile)
     free = (free_gib if free_gib is not None else _live_free_gib(caps, device)) * GIB

@@ -136,7 +136,7 @@ class Plan:
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
 def _refuse(option: str, value: str, needs: str, have: str) -> OptionError:
-    return OptionError(f"{option}={value}: needs {needs}; this machine has {have}")
+    return OptionError(f"{option}={value}: needs {needs}; this machine has {have}", option=option, value=value)
 
 
 def _have(caps: Capabilities, device: str, probe_key: str | None = None) -> str:
@@ -164,7 +164,7 @@ def _resolve_device(requested: str, caps: Capabilities, world: World | None = No
     if world is not None and world.size > 1 and requested != "cpu" and (requested != "auto" or caps.gpu):
         if requested not in ("auto", "cuda"):
             raise OptionError(f"device={requested}: in a torchrun job each process uses the GPU of its LOCAL_RANK; "
-                              "use --device auto or cuda (or cpu)")
+                              "use --device auto or cuda (or cpu)", option="device", value=requested)
         if world.local_rank >= caps.gpu_count:
             raise _refuse("device", requested, f"a GPU per process on this node (LOCAL_RANK {world.local_rank})",
                           f"{caps.gpu_count} CUDA GPU(s)")
@@ -178,7 +178,8 @@ def _resolve_device(requested: str, caps: Capabilities, world: World | None = No
         return Resolved("cpu", "cpu", "requested")
     m = re.fullmatch(r"cuda(?::(\d+))?", requested)
     if not m:
-        raise OptionError(f"device={requested}: unknown device; choose auto, cpu, cuda or cuda:N")
+        raise OptionError(f"device={requested}: unknown device; choose auto, cpu, cuda or cuda:N", option="device",
+                          value=requested)
     index = int(m.group(1) or 0)
     if index >= caps.gpu_count:
         have = caps.summary() if caps.gpu_count else "no CUDA GPU (CPU only)"
@@ -189,7 +190,7 @@ def _resolve_device(requested: str, caps: Capabilities, world: World | None = No
     if (gpu.name, gpu.capability) != (probed.name, probed.capability):
         raise OptionError(f"device={requested}: kernels were probed on cuda:{caps.probed_gpu} ({probed.name}, "
                           f"{probed.sm}) but cuda:{index} is {gpu.name} ({gpu.sm}); run with "
-                          f"CUDA_VISIBLE_DEVICES={index} so the probe tests that GPU")
+                          f"CUDA_VISIBLE_DEVICES={index} so the probe tests that GPU", option="device", value=requested)
     return Resolved(requested, f"cuda:{index}", f"{gpu.name} ({gpu.sm})")
 
 
@@ -252,9 +253,9 @@ def _resolve_quantization(requested: str, caps: Capabilities, device: str, preci
                           _have(caps, device, "torchao_nvfp4" if sm in BLACKWELL_SMS else None))
         if precision != "bf16":
             raise OptionError(f"quantization=fp4: needs model_precision bf16 (NVFP4 quantizes bf16 weights); "
-                              f"model_precision is {precision}")
+                              f"model_precision is {precision}", option="quantization", value="fp4")
         return Resolved("fp4", "nvfp4", f"torchao NVFP4 weights and activations on {caps.gpu.sm}")
-    raise OptionError(f"quantization: unknown value {requested!r}")
+    raise OptionError(f"quantization: unknown value {requested!r}", option="quantization", value=requested)
 
 
 def _resolve_t5_quantization(requested: str, caps: Capabilities, device: str) -> Resolved:
@@ -344,7 +345,7 @@ def _resolve_attention(requested: str, caps: Capabilities, device: str, precisio
         raise _refuse("attention", requested, NEEDS[requested], _have(caps, device))
     if fp32:
         raise OptionError(f"attention={requested}: needs model_precision bf16 or fp16 (the kernel has no fp32 "
-                          "path); model_precision is fp32")
+                          "path); model_precision is fp32", option="attention", value=requested)
     candidates = ["flash_attn_3", "fa3_fwd"] if requested == "flash_attn_3" else [_PROBE_KEY[requested]]
     dtype = DTYPES[precision]
     for kernel in candidates:
@@ -353,7 +354,7 @@ def _resolve_attention(requested: str, caps: Capabilities, device: str, precisio
     if any(caps.kernel(c).available for c in candidates):
         why = "; ".join(f"{c}: {_dtype_reason(caps.kernel(c), dtype)}" for c in candidates if caps.kernel(c).available)
         raise OptionError(f"attention={requested}: does not run model_precision {precision} on this machine: {why}; "
-                          "use model_precision bf16 or attention sdpa")
+                          "use model_precision bf16 or attention sdpa", option="attention", value=requested)
     have = _have(caps, device) + "".join(f"; {c}: {caps.kernel(c).reason}" for c in candidates)
     raise _refuse("attention", requested, NEEDS[requested], have)
 
@@ -391,11 +392,12 @@ def _split(load_options: LoadOptions, world: World, heads: int) -> tuple[int, in
     """(ulysses, ring) for the launcher's world, or OptionError."""
     ulysses, ring, size = load_options.ulysses, load_options.ring, world.size
     asked = " ".join(f"{n}={v}" for n, v in (("ulysses", ulysses), ("ring", ring)) if v is not None)
+    blamed = {"option": "ulysses", "value": ulysses} if ulysses is not None else {"option": "ring", "value": ring}
     if size == 1:
         if (ulysses or 1) > 1 or (ring or 1) > 1:
             raise OptionError(f"{asked}: sequence parallel needs several processes started by a launcher, e.g. "
                               f"torchrun --nproc-per-node {(ulysses or 1) * (ring or 1)} -m infinite_talk.cli "
-                              "generate ...; this is a single process")
+                              "generate ...; this is a single process", **blamed)
         return 1, 1
     if ulysses is None:
         ulysses = size // (ring or 1)
@@ -403,11 +405,11 @@ def _split(load_options: LoadOptions, world: World, heads: int) -> tuple[int, in
         ring = size // ulysses
     if ulysses * ring != size:
         raise OptionError(f"{asked}: ulysses × ring must equal the number of processes ({size}, from the launcher); "
-                          f"{ulysses} × {ring} = {ulysses * ring}")
+                          f"{ulysses} × {ring} = {ulysses * ring}", **blamed)
     if heads % ulysses:
         raise OptionError(f"{asked or f'ulysses={ulysses}'}: the model's {heads} attention heads must divide by ulysses "
                           f"(Ulysses gives each process whole heads); use a divisor of {heads} and put the remaining "
-                          "factor in --ring")
+                          "factor in --ring", option="ulysses", value=ulysses)
     return ulysses, ring
 
 
@@ -430,7 +432,8 @@ def _resolve_sequence_parallel(load_options: LoadOptions, world: World, caps: Ca
         if load_options.attention not in ("auto", "sdpa"):
             raise OptionError(f"attention={load_options.attention}: ring attention (ring={ring}) merges partial "
                               "results by their log-sum-exp, which this kernel does not return; use attention auto or "
-                              "sdpa, or ring 1 (Ulysses runs around every kernel)")
+                              "sdpa, or ring 1 (Ulysses runs around every kernel)", option="attention",
+                              value=load_options.attention)
         order = ["sdpa-efficient", "sdpa-math"] if precision == "fp32" else _attention_order(caps.gpu.capability)
         order = [k for k in order if ring_capable(ATTENTION_BACKENDS[k][0], device_type)]
         if load_options.attention == "sdpa":
