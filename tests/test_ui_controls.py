@@ -132,11 +132,14 @@ def test_form_values_become_validated_options():
 
 
 def test_speaker_boxes_parse_or_say_what_is_wrong():
-    assert C.parse_bbox("0, 0, 100, 200; 0,200,100,400") == [[0, 0, 100, 200], [0, 200, 100, 400]]
-    assert C.parse_bbox("[1 2 3 4]\n[5 6 7 8]") == [[1, 2, 3, 4], [5, 6, 7, 8]]
-    assert C.parse_bbox("  ") is None
-    with pytest.raises(InputError, match="box 2 .* must be 4 whole numbers"):
-        C.parse_bbox("0,0,10,10; 1,2,3")
+    def boxes(text):
+        return C.request_from_form(C.TASK_IMAGE, {"bbox": text}).bbox
+
+    assert boxes("0, 0, 100, 200; 0,200,100,400") == [[0, 0, 100, 200], [0, 200, 100, 400]]
+    assert boxes("[1 2 3 4]\n[5 6 7 8]") == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert boxes("  ") is None
+    with pytest.raises(OptionError, match="bbox: box 2 .* must be 4 whole numbers"):
+        boxes("0,0,10,10; 1,2,3")
 
 
 def test_missing_inputs_are_named_as_on_the_page():

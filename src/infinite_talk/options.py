@@ -253,7 +253,9 @@ def field_kind(cls, name: str) -> tuple[str, bool]:
 
 
 def _refusal(name: str, value: Any, why: str) -> OptionError:
-    return OptionError(f"{name}: {value!r} {why}", option=name, value=value)
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return OptionError(f"{name}: {shown} {why}", option=name, value=value)
 
 
 def coerce(cls, name: str, raw: Any) -> Any:
@@ -282,23 +284,25 @@ def coerce(cls, name: str, raw: Any) -> Any:
         if isinstance(raw, str):
             return raw
         raise _refusal(name, raw, _WHY[kind])
+    if kind == "int" and isinstance(raw, int) and not isinstance(raw, bool):
+        return raw  # exact, however large (the range check follows)
     number = _number(name, raw, kind)
     if kind == "int":
         if not number.is_integer():
             raise _refusal(name, raw, _WHY[kind])
-        return raw if isinstance(raw, int) else int(number)
+        return int(number)
     return number
 
 
 def _number(name: str, raw: Any, kind: str) -> float:
     if isinstance(raw, bool) or not isinstance(raw, int | float | str):
         raise _refusal(name, raw, _WHY[kind])
-    if isinstance(raw, int):
-        return raw  # exact: a large int stays exact
     try:
         number = float(raw)
-    except (ValueError, OverflowError):
+    except ValueError:
         raise _refusal(name, raw, _WHY[kind]) from None
+    except OverflowError:  # an int beyond any float
+        raise _refusal(name, raw, "is not a finite number") from None
     if not math.isfinite(number):
         raise _refusal(name, raw, "is not a finite number")
     return number

@@ -9,14 +9,12 @@ with the planner's reason, and is refused if picked: never swapped for another v
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 from ..errors import InfiniteTalkError, InputError, OptionError
-from ..options import GenerateOptions, LoadOptions, from_dict
+from ..options import GenerateOptions, LoadOptions, field_kind, read
 
 # Model files, one source dropdown each (LoadOptions fields), and the `model_files.discover` kind behind each.
 COMPONENT_KINDS = {"transformer": "dit", "adapter": "adapter", "vae": "vae", "t5": "t5",
@@ -97,9 +95,8 @@ def field_spec(cls, name: str) -> ControlSpec:
     number box cannot express), lines (a list: one entry per line), textbox."""
     f = _fields(cls)[name]
     meta = f.metadata
-    kind_text = str(get_type_hints(cls)[name])
+    type_kind, optional = field_kind(cls, name)
     default = field_default(cls, name)
-    optional = "None" in kind_text
     label = LABELS.get(name, name.replace("_", " ").capitalize())
     info = meta.get("help", "")
     if optional and name in EMPTY_MEANS:
@@ -111,12 +108,12 @@ def field_spec(cls, name: str) -> ControlSpec:
         values = tuple(c for c in choices if c is not None)
         kind = "radio" if len(values) <= 3 else "dropdown"
         return ControlSpec(name, kind, label, info, default, tuple((str(v), v) for v in values), optional=optional)
-    if kind_text in ("bool", "<class 'bool'>"):
+    if type_kind == "bool":
         return ControlSpec(name, "checkbox", label, info, default)
-    if "list" in kind_text:
+    if type_kind in ("lines", "boxes"):
         return ControlSpec(name, "lines", label, info, default, optional=optional)
-    if "int" in kind_text or "float" in kind_text:
-        integer = "float" not in kind_text
+    if type_kind in ("int", "float"):
+        integer = type_kind == "int"
         lo, hi = meta.get("minimum"), meta.get("maximum")
         step = 1 if integer else FLOAT_STEP
         if optional:
@@ -145,21 +142,6 @@ def other_load_fields() -> tuple[str, ...]:
     """The remaining LoadOptions fields (shown as plain controls)."""
     placed = LOAD_SPECIAL | set(component_fields()) | set(load_choice_fields())
     return tuple(f.name for f in dataclasses.fields(LoadOptions) if f.name not in placed)
-
-
-def widget_value(spec: ControlSpec, value: Any) -> Any:
-    """The schema value of a widget's value (None: use the default / unset)."""
-    if spec.kind in ("number", "slider", "optional_number"):
-        return _number(spec, value)
-    if spec.kind == "lines":
-        if value is None:
-            return None
-        if isinstance(value, list):
-            return value
-        return [line.strip() for line in str(value).splitlines() if line.strip()]
-    if spec.kind == "textbox" and spec.optional and isinstance(value, str) and not value.strip():
-        return None
-    return value
 
 
 def widget_default(spec: ControlSpec) -> Any:
@@ -197,12 +179,6 @@ class ChoiceStatus:
         return self.value
 
 
-def _blame(err: OptionError) -> str | None:
-    """The option an OptionError is about: the planner's messages start with `option=value:`."""
-    m = re.match(r"(\w+)=", str(err))
-    return m.group(1) if m else None
-
-
 def _base_for(options: LoadOptions, name: str, caps) -> LoadOptions:
     """`options` with every *other* refused choice set back to its default, so that one refusal does not make
     every value of every other option look refused."""
@@ -212,7 +188,7 @@ def _base_for(options: LoadOptions, name: str, caps) -> LoadOptions:
             preflight(base, caps)
             return base
         except OptionError as err:
-            other = _blame(err)
+            other = err.option
             if other is None or other == name or other not in _fields(LoadOptions):
                 return base
             default = field_default(LoadOptions, other)
@@ -347,7 +323,8 @@ def _dit_entries(shards: list[Path]) -> list[Path]:
 
 
 def load_options_from_form(source: str, values: dict[str, Any], models_dir: str | None) -> LoadOptions:
-    """LoadOptions from the model panel (widget values by field name); a pick that would be ignored is refused."""
+    """LoadOptions from the model panel (widget values by field name, read by `options.read`); a pick that would be
+    ignored is refused."""
     if source not in SOURCE_LABELS:
         raise OptionError(f"model source: unknown value {source!r}; choose one of: {', '.join(SOURCE_LABELS)}")
     data: dict[str, Any] = {}
@@ -357,9 +334,7 @@ def load_options_from_form(source: str, values: dict[str, Any], models_dir: str 
             if value and value != AUTO:
                 picked[name] = value
             continue
-        value = widget_value(field_spec(LoadOptions, name), value)
-        if value is not None:
-            data[name] = value
+        data[name] = value
     if source == SOURCE_TINY:
         if picked:
             name, path = next(iter(picked.items()))
@@ -371,60 +346,21 @@ def load_options_from_form(source: str, values: dict[str, Any], models_dir: str 
             raise OptionError("model source: no models folder; start the UI with --models-dir DIR")
         data["models_dir"] = models_dir
     data.update(picked)
-    return from_dict(LoadOptions, data)
+    return read(LoadOptions, data)
 
 
 # ---- generation request --------------------------------------------------------------------------------------------
-def parse_bbox(text: str | None) -> list[list[int]] | None:
-    """'r0,c0,r1,c1; r0,c0,r1,c1' (one box per speaker, source pixels) → [[r0, c0, r1, c1], ...]."""
-    if text is None or not text.strip():
-        return None
-    boxes = []
-    for n, part in enumerate(p for p in re.split(r"[;\n]", text) if p.strip()):
-        numbers = [x for x in re.split(r"[,\s]+", part.strip().strip("[]")) if x]
-        try:
-            box = [int(x) for x in numbers]
-        except ValueError:
-            box = []
-        if len(box) != 4:
-            raise InputError(f"speaker boxes: box {n + 1} ({part.strip()!r}) must be 4 whole numbers "
-                             "row_min, col_min, row_max, col_max; separate speakers with ';'")
-        boxes.append(box)
-    return boxes
-
-
-def _number(spec: ControlSpec, value: Any) -> Any:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"{spec.name}: {value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise OptionError(f"{spec.name}: {value!r} is not a finite number")
-    if spec.integer:
-        if number != int(number):
-            raise OptionError(f"{spec.name}: {value!r} must be a whole number")
-        return int(number)
-    return number
-
-
 def request_from_form(task: str, values: dict[str, Any], out: str | None = None) -> GenerateOptions:
-    """GenerateOptions from the generation panel (validated: an out-of-range value is an OptionError)."""
+    """GenerateOptions from the generation panel's widget values, read by `options.read` (an emptied box keeps
+    the default; a wrong type or an out-of-range value is an OptionError naming the field)."""
     if task not in (TASK_IMAGE, TASK_VIDEO):
         raise OptionError(f"task: unknown value {task!r}; choose {TASK_IMAGE} or {TASK_VIDEO}")
-    data: dict[str, Any] = {}
-    for name, value in values.items():
-        spec = field_spec(GenerateOptions, name)
-        value = parse_bbox(value) if name == "bbox" else widget_value(spec, value)
-        if value is None and not spec.optional:
-            continue  # an emptied required box keeps the schema default
-        data[name] = value
+    data = dict(values)
     # The task decides which reference is used; the other upload is not silently combined with it.
     data.pop("video" if task == TASK_IMAGE else "image", None)
     if out is not None:
         data["out"] = out
-    return from_dict(GenerateOptions, data)
+    return read(GenerateOptions, data)
 
 
 def check_inputs(request: GenerateOptions, task: str) -> None:
