@@ -233,7 +233,7 @@ MALFORMED = [
     ({"audio": "playlist"}, "audio (speech.wav): cannot decode audio: the file is text"),
     ({"options": {"stepz": 4}}, "unknown option(s) for GenerateOptions: stepz"),
     ({"options": {"image": "/etc/passwd"}}, "options: image cannot be set"),
-    ({"options": {"steps": "many"}}, "options: steps must be a whole number"),
+    ({"options": {"steps": "many"}}, "options: steps: 'many' must be a whole number"),
     ({"options": {"steps": 0}}, "steps: 0 is outside [1, 1000]"),
     ({"options": {"scheduler": "magic"}}, "scheduler: unknown value 'magic'"),
     ({"options": {"frame_num": 9, "motion_frames": 5}}, "frame_num - motion_frames >= motion_frames"),

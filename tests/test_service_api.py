@@ -103,8 +103,8 @@ def test_limits_and_refusals_are_4xx_json(client, store, short_wav, tmp_path):
                           headers={"content-type": "multipart/form-data; boundary=x"})
     assert chunked.status_code == 413  # no Content-Length: counted as it arrives
     for options, message in (('["steps"]', "must be a JSON object"), ('{"seed": -1}', "seed: -1 is outside"),
-                             ('{"max_seconds": 1e400}', "max_seconds must be a finite number"),
-                             ('{"use_apg": 1}', "use_apg must be true or false"),
+                             ('{"max_seconds": 1e400}', "max_seconds: inf is not a finite number"),
+                             ('{"use_apg": 1}', "use_apg: 1 must be true or false"),
                              ('{"out": "/tmp/x.mp4"}', "out cannot be set")):
         answer = client.post("/jobs", files=_files(short_wav), data={"options": options})
         assert answer.status_code == 422 and message in answer.json()["error"], (options, answer.text)

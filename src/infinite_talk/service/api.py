@@ -33,6 +33,7 @@ from .. import __version__
 from ..errors import InfiniteTalkError
 from .network import STATE_CHANGING, loopback_host, same_loopback_origin
 from .store import Conflict, Job, JobStore, NotFound, storage_fault, without_paths
+from .uploads import options_help
 from .worker import SIDECAR_NAME, VIDEO_NAME
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,7 @@ def create_app(store: JobStore, token: str | None = None, workers: list | None =
         reference: UploadFile = File(..., description="reference picture (PNG/JPEG/WebP) or video (dubbing)"),
         audio: UploadFile = File(..., description="speech of speaker 1"),
         audio2: UploadFile | None = File(None, description="speech of speaker 2 (optional)"),
-        options: str = Form("{}", description='GenerateOptions as JSON without paths, e.g. {"steps": 8, "seed": 1}'),
+        options: str = Form("{}", description=options_help()),
     ):
         second = None
         if audio2 is not None and (audio2.filename or audio2.size):

@@ -6,11 +6,10 @@ and says what to send instead; `status` is the HTTP code the API answers with.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import math
 import struct
-import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import BinaryIO
 from ..errors import InfiniteTalkError, InputError, OptionError
 from ..media.audio import SAMPLE_RATE
 from ..media.frames import MAX_PIXELS, MAX_SIDE
-from ..options import GenerateOptions, from_dict
+from ..options import GenerateOptions, field_kind, read
 
 REFERENCE_FIX = "upload a PNG/JPEG/WebP picture or an MP4/MOV/MKV/WebM video"
 AUDIO_FIX = "upload speech as wav/mp3/flac/m4a/ogg (or a video with sound)"
@@ -266,34 +265,25 @@ def check_audio(path: Path, label: str, limits: Limits) -> dict:
 
 # ------------------------------------------------------------------------------------------------------- options
 
-def _type_error(name: str, hint, value) -> str | None:
-    allowed = set(typing.get_args(hint) or (hint,))
-    if value is None:
-        return None if type(None) in allowed else "must not be null"
-    if bool in allowed:
-        return None if isinstance(value, bool) else "must be true or false"
-    if isinstance(value, bool):
-        return "must not be true/false"
-    if int in allowed and float not in allowed:
-        return None if isinstance(value, int) else "must be a whole number"
-    if float in allowed:
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            return "must be a finite number"
-        return None
-    if str in allowed:
-        return None if isinstance(value, str) else "must be a string"
-    if list in allowed or any(typing.get_origin(a) is list for a in allowed):
-        if not isinstance(value, list):
-            return "must be a list"
-        if name == "bbox" and not all(isinstance(b, list) and len(b) == 4 and all(
-                isinstance(v, int) and not isinstance(v, bool) for v in b) for b in value):
-            return "must be [[row_min, col_min, row_max, col_max], ...] in whole pixels, one box per speaker"
-        return None
-    return None
+KIND_WORDS = {"str": "text", "int": "integer", "float": "number", "bool": "true/false",
+              "boxes": "[[row_min, col_min, row_max, col_max], ...]", "lines": "list of text"}
+
+
+def options_help() -> str:
+    """The description of a job's `options` form field (the OpenAPI schema), from the options schema."""
+    fields = []
+    for f in dataclasses.fields(GenerateOptions):
+        if f.name in SERVER_FIELDS:
+            continue
+        choices = [str(c) for c in f.metadata.get("choices") or () if c is not None]
+        fields.append(f"{f.name} ({'|'.join(choices) or KIND_WORDS[field_kind(GenerateOptions, f.name)[0]]})")
+    return (f'GenerateOptions as a JSON object, e.g. {{"steps": 8, "seed": 1}}; fields: {", ".join(fields)}; an '
+            "absent or null field keeps its default (docs/OPTIONS.md gives values, ranges and defaults)")
 
 
 def parse_options(text: str | bytes | None) -> GenerateOptions:
-    """The `options` JSON of a job: GenerateOptions fields minus the paths, checked by type, range and choice."""
+    """The `options` JSON of a job: GenerateOptions fields minus the paths, read by the schema (`options.read`:
+    type, range and choice, the same refusals as the CLI and the UI); null means the default."""
     if text is None or (isinstance(text, str | bytes) and not text.strip()):
         data: object = {}
     else:
@@ -311,17 +301,10 @@ def parse_options(text: str | bytes | None) -> GenerateOptions:
     if named:
         raise UploadRefused(f"options: {', '.join(named)} cannot be set: the reference and speech are uploaded as the "
                             "multipart files 'reference', 'audio' and 'audio2', and the server keeps the output")
-    hints = typing.get_type_hints(GenerateOptions)
-    for name, value in data.items():
-        problem = _type_error(name, hints[name], value) if name in hints else None
-        if problem:
-            raise UploadRefused(f"options: {name} {problem} (got {json.dumps(value)[:80]})")
     try:
-        return from_dict(GenerateOptions, data)
-    except OptionError as err:
-        raise UploadRefused(f"options: {err}") from None
-    except (TypeError, ValueError) as err:
-        raise UploadRefused(f"options: {err}") from None
+        return read(GenerateOptions, data)
+    except OptionError as err:  # the cause keeps the option and value it is about
+        raise UploadRefused(f"options: {err}") from err
 
 
 def copy_file(src: Path, dest: Path, budget: int, label: str, limit: int) -> int:
