@@ -341,7 +341,7 @@ def _boxes(name: str, raw: Any) -> list[list[int]] | None:
                 boxes.append(box)
                 continue
         raise OptionError(f"{name}: box {n + 1} ({part!r}) must be 4 whole numbers row_min, col_min, row_max, "
-                          "col_max; separate speakers with ';'", option=name, value=raw)
+                          "col_max; separate speakers with ';'", option=name, value=part)  # the box, as text
     return boxes or None
 
 
