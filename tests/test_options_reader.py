@@ -178,3 +178,22 @@ def test_the_ui_blames_the_refused_option_by_its_attribute():
     assert all(s.available for s in statuses["model_precision"]) and all(s.available for s in statuses["vae_tiling"])
     fa3 = next(s for s in statuses["attention"] if s.value == "flash_attn_3")
     assert not fa3.available and fa3.reason.startswith("needs a Hopper GPU")
+
+
+def test_refusals_below_the_planner_carry_the_option_and_value_too():
+    from infinite_talk.media.frames import bucket_for
+    from infinite_talk.sampling import schedules, step_cache
+    from infinite_talk.sampling.guidance import passes_for
+    from infinite_talk.sampling.windows import chunk_count
+
+    cases = [(lambda: bucket_for(512, 512, 1080), "size", 1080),
+             (lambda: passes_for(5.0, -1.0), "audio_scale", -1.0),
+             (lambda: chunk_count(100, frame_num=80), "frame_num", 80),
+             (lambda: step_cache.describe("magic", None, 480, 4), "step_cache", "magic")]
+    for refuse, option, value in cases:
+        with pytest.raises(OptionError) as caught:
+            refuse()
+        assert (caught.value.option, caught.value.value) == (option, value), str(caught.value)
+    with pytest.raises(OptionError) as caught:
+        schedules.make_sampler("ddim", 4, 5.0)
+    assert (caught.value.option, caught.value.value) == ("scheduler", "ddim")

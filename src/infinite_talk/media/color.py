@@ -47,7 +47,8 @@ def color_correct(video: torch.Tensor, reference: torch.Tensor | ColorMatcher, s
     """Match every frame of `video` ([3,T,H,W] or [1,3,T,H,W] in [−1,1]) to `reference` (a [3,H,W] /
     [1,3,1,H,W] frame in [−1,1], or a ColorMatcher). Same shape and dtype out; strength 0 returns `video` itself."""
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise OptionError(f"option 'color_correction' must be between 0 (off) and 1 (full), got {strength!r}")
+        raise OptionError(f"option 'color_correction' must be between 0 (off) and 1 (full), got {strength!r}",
+                          option="color_correction", value=strength)
     if strength == 0:
         return video
     matcher = reference if isinstance(reference, ColorMatcher) else ColorMatcher(reference)

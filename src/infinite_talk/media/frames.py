@@ -223,7 +223,7 @@ def bucket_for(height: int, width: int, size: int = 480) -> tuple[int, int]:
     """(target_h, target_w) of the bucket whose ratio key is nearest to height/width (first one on ties)."""
     table = BUCKETS.get(size)
     if table is None:
-        raise OptionError(f"option 'size' must be one of {sorted(BUCKETS)}, got {size!r}")
+        raise OptionError(f"option 'size' must be one of {sorted(BUCKETS)}, got {size!r}", option="size", value=size)
     ratio = height / width
     key = min(table, key=lambda k: abs(float(k) - ratio))
     th, tw = table[key]

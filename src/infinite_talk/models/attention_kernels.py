@@ -20,7 +20,8 @@ def _module(name: str, package: str):
     try:
         return importlib.import_module(name)
     except ImportError as err:
-        raise OptionError(f"attention kernel {package} passed the probe but no longer imports: {err}") from err
+        raise OptionError(f"attention kernel {package} passed the probe but no longer imports: {err}",
+                          option="attention", value=package) from err
 
 
 def fa3_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -288,7 +288,7 @@ def merge_lora(model: nn.Module, lora: LoraFile, strength: float) -> None:
 def _check_plain(tensor: torch.Tensor, path: Path) -> None:
     if type(tensor) not in (torch.Tensor, nn.Parameter) or not tensor.is_floating_point() or tensor.element_size() < 2:
         raise OptionError(f"{path}: cannot merge a LoRA into quantized weights ({type(tensor).__name__}); merge "
-                          "before quantization or use lora_mode unmerged")
+                          "before quantization or use lora_mode unmerged", option="lora_mode", value="merged")
 
 
 class _LinearLora:
@@ -456,7 +456,8 @@ def apply_loras(model: nn.Module, entries: list[str] | list[LoraEntry] | None, m
     """Read, validate and apply every LoRA entry (`PATH[:STRENGTH]`) to `model`; the one call the pipeline makes
     right after loading the transformer (before quantization). Every file is validated before any is applied."""
     if mode not in MODES:
-        raise OptionError(f"lora_mode: unknown value {mode!r}; choose one of: {', '.join(MODES)}")
+        raise OptionError(f"lora_mode: unknown value {mode!r}; choose one of: {', '.join(MODES)}",
+                          option="lora_mode", value=mode)
     entries = list(entries or [])
     parsed = entries if all(isinstance(e, LoraEntry) for e in entries) else parse_lora_entries(entries)
     if not parsed:

@@ -355,12 +355,13 @@ def apply_offload(model: torch.nn.Module, setting: str, device) -> dict:
         return {"offload": "none"}
     if device.type != "cuda":
         raise OptionError(f"offload={setting}: offload moves weights between GPU and host; this run uses "
-                          f"device={device.type}")
+                          f"device={device.type}", option="offload", value=setting)
     if kind == "blocks":
         return apply_block_swap(model, n, device)
     if kind == "sequential":
         return apply_sequential(model, device)
-    raise OptionError(f"offload={setting}: 'auto' must be resolved by the planner first")
+    raise OptionError(f"offload={setting}: 'auto' must be resolved by the planner first",
+                      option="offload", value=setting)
 
 
 def offload_after_use(model: torch.nn.Module, onload_device, offload_device="cpu") -> None:

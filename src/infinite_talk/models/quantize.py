@@ -73,7 +73,8 @@ def _config(mode: str, layer: nn.Linear | None = None):
         from torchao.prototype.mx_formats import NVFP4DynamicActivationNVFP4WeightConfig
 
         return NVFP4DynamicActivationNVFP4WeightConfig()
-    raise OptionError(f"quantization mode {mode!r} is not one of {', '.join(MODES)}")
+    raise OptionError(f"quantization mode {mode!r} is not one of {', '.join(MODES)}", option="quantization",
+                      value=mode)
 
 
 def _nf4_scaler_block(numel: int) -> int:
@@ -105,13 +106,15 @@ def quantize_transformer(model: nn.Module, mode: str, device: torch.device | str
         model.to(device)
         return {"mode": "disabled", "layers": 0}
     if mode not in MODES:
-        raise OptionError(f"quantization mode {mode!r} is not one of {', '.join(MODES)}")
+        raise OptionError(f"quantization mode {mode!r} is not one of {', '.join(MODES)}", option="quantization",
+                          value=mode)
     import_torchao()
     from torchao.quantization import quantize_
 
     targets = [(name, m) for name, m in model.named_modules() if quantizable(name, m, mode)]
     if not targets:
-        raise OptionError(f"quantization={mode}: no layer of this model has a shape the kernel takes")
+        raise OptionError(f"quantization={mode}: no layer of this model has a shape the kernel takes",
+                          option="quantization", value=mode)
     quantized_params = sum(m.weight.numel() for _, m in targets)
     if mode == "nf4":  # the scaler block depends on each layer's size
         for _name, layer in targets:
@@ -156,7 +159,8 @@ def quantize_text_encoder(model: nn.Module, mode: str) -> dict:
     if mode == "disabled":
         return {"mode": "disabled", "layers": 0}
     if mode != "fp8":
-        raise OptionError(f"t5_quantization={mode!r}: choose disabled or fp8")
+        raise OptionError(f"t5_quantization={mode!r}: choose disabled or fp8", option="t5_quantization",
+                          value=mode)
     import_torchao()
     from torchao.quantization import quantize_
 

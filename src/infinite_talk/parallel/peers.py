@@ -87,7 +87,8 @@ class Leader:
             raise OptionError(f"step_cache={request.step_cache}: decides from the first block's output, which each "
                               f"process of a sequence-parallel job ({self.parallel.describe()}) sees only a slice "
                               "of, so they would disagree on skipping; use --step-cache teacache (decides from the "
-                              "timestep, the same everywhere) or off")
+                              "timestep, the same everywhere) or off", option="step_cache",
+                              value=request.step_cache)
 
     def start_run(self) -> None:
         self.run += 1

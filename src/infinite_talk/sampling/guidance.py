@@ -36,7 +36,8 @@ def passes_for(text_scale: float, audio_scale: float) -> list[str]:
     """The model passes needed per step for these guidance scales."""
     for name, value in (("text_scale", text_scale), ("audio_scale", audio_scale)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise OptionError(f"option '{name}' must be a number of at least 0 (1 = no guidance), got {value!r}")
+            raise OptionError(f"option '{name}' must be a number of at least 0 (1 = no guidance), got {value!r}",
+                              option=name, value=value)
     if not _is_one(text_scale):
         return ["cond", "drop_text", "uncond"]
     if not _is_one(audio_scale):

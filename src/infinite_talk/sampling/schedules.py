@@ -48,9 +48,11 @@ def reference_timesteps(steps: int, shift: float) -> torch.Tensor:
 
 def _check_steps_shift(steps, shift) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise OptionError(f"option 'steps' must be a whole number of at least 1, got {steps!r}")
+        raise OptionError(f"option 'steps' must be a whole number of at least 1, got {steps!r}", option="steps",
+                          value=steps)
     if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not shift > 0:
-        raise OptionError(f"option 'shift' must be a number above 0 (default 7 at 480p, 11 at 720p), got {shift!r}")
+        raise OptionError(f"option 'shift' must be a number above 0 (default 7 at 480p, 11 at 720p), got {shift!r}",
+                          option="shift", value=shift)
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,8 @@ def make_sampler(name: str, steps: int, shift: float) -> Sampler:
     """A fresh sampler for one chunk. `name` is one of SCHEDULER_NAMES."""
     cls = _SAMPLERS.get(name)
     if cls is None:
-        raise OptionError(f"option 'scheduler': unknown value {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+        raise OptionError(f"option 'scheduler': unknown value {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}",
+                          option="scheduler", value=name)
     _check_steps_shift(steps, shift)
     return cls(steps, shift)
 

@@ -57,7 +57,8 @@ class StepCachePlan:
 def describe(kind: str, threshold: float | None, size: int, steps: int) -> StepCachePlan | None:
     """The plan of a step cache (None for `off`). Raises OptionError for unknown kinds."""
     if kind not in KINDS:
-        raise OptionError(f"step_cache: unknown value {kind!r}; choose one of: {', '.join(KINDS)}")
+        raise OptionError(f"step_cache: unknown value {kind!r}; choose one of: {', '.join(KINDS)}",
+                          option="step_cache", value=kind)
     if kind == "off":
         return None
     value = DEFAULT_THRESHOLD[kind] if threshold is None else float(threshold)
@@ -156,7 +157,8 @@ class StepCache:
 
     def __init__(self, transformer, kind: str, threshold: float | None = None, size: int = 480):
         if kind not in KINDS or kind == "off":
-            raise OptionError(f"step_cache: {kind!r} is not a cache; choose one of: teacache, firstblock")
+            raise OptionError(f"step_cache: {kind!r} is not a cache; choose one of: teacache, firstblock",
+                              option="step_cache", value=kind)
         self.transformer = transformer
         self.kind = kind
         self.threshold = DEFAULT_THRESHOLD[kind] if threshold is None else float(threshold)

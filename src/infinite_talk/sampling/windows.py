@@ -36,9 +36,11 @@ WINDOW_OFFSETS = (-2, -1, 0, 1, 2)
 
 def _check_geometry(frame_num: int, motion_frames: int) -> None:
     if frame_num < 5 or (frame_num - 1) % 4:
-        raise OptionError(f"option 'frame_num' must be 4n+1 and at least 5 (default 81), got {frame_num}")
+        raise OptionError(f"option 'frame_num' must be 4n+1 and at least 5 (default 81), got {frame_num}",
+                          option="frame_num", value=frame_num)
     if motion_frames < 1 or (motion_frames - 1) % 4 or motion_frames >= frame_num:
-        raise OptionError(f"option 'motion_frames' must be 4k+1 and below frame_num (default 9), got {motion_frames}")
+        raise OptionError(f"option 'motion_frames' must be 4k+1 and below frame_num (default 9), got {motion_frames}",
+                          option="motion_frames", value=motion_frames)
 
 
 def audio_window(embedding: torch.Tensor, audio_start: int, frame_num: int = FRAME_NUM) -> torch.Tensor:

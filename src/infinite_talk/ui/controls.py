@@ -339,7 +339,8 @@ def load_options_from_form(source: str, values: dict[str, Any], models_dir: str 
         if picked:
             name, path = next(iter(picked.items()))
             raise OptionError(f"{name}: {path} was picked, but the tiny preset builds its own files and would ignore "
-                              "it; set it back to auto or choose the models folder or hub as the source")
+                              "it; set it back to auto or choose the models folder or hub as the source",
+                              option=name, value=path)
         data["preset"] = "tiny"
     elif source == SOURCE_FOLDER:
         if not models_dir:
