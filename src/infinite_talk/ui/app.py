@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InfiniteTalkError
+from ..flags import add_schema, build_options
 from ..media.request_check import check_request
 from ..options import GenerateOptions, LoadOptions
 from . import controls as C
@@ -470,7 +471,8 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int = 7860, block: boo
 # ---- `infinite-talk ui` ------------------------------------------------------------------------------------------
 def cmd_ui(ns: argparse.Namespace) -> int:
     _gradio()  # a clear message before probing when gradio is missing
-    studio = Studio(preset=ns.preset, models_dir=ns.models_dir, output_dir=ns.output_dir, data_dir=ns.data_dir)
+    given = build_options(LoadOptions, ns)  # --preset and --models-dir, read by the schema
+    studio = Studio(preset=given.preset, models_dir=given.models_dir, output_dir=ns.output_dir, data_dir=ns.data_dir)
     print(f"outputs go to {studio.output_dir}", flush=True)
     if studio.store is not None:
         print(f"generations go to the job queue in {studio.store.root} (run `infinite-talk serve --data-dir "
@@ -480,10 +482,8 @@ def cmd_ui(ns: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    meta = LoadOptions.__dataclass_fields__
     ui = subparsers.add_parser("ui", help="the web UI (Gradio): load models, generate, watch progress, cancel")
-    ui.add_argument("--preset", choices=["tiny"], default=None, help=meta["preset"].metadata["help"])
-    ui.add_argument("--models-dir", default=None, help=meta["models_dir"].metadata["help"])
+    add_schema(ui, LoadOptions, skip={f.name for f in dataclasses.fields(LoadOptions)} - {"preset", "models_dir"})
     ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1; 0.0.0.0 for all)")
     ui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     ui.add_argument("--output-dir", default="outputs",
