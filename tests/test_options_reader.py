@@ -5,6 +5,7 @@ planner's refusals say which option they are about."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -128,6 +129,14 @@ def test_validate_refuses_wrong_types_by_name():
             options.validate()
         assert caught.value.option == name and str(caught.value).startswith(message), str(caught.value)
         assert caught.value.value == getattr(options, name)
+
+
+def test_paths_may_be_path_objects_and_are_read_as_text():
+    assert read(LoadOptions, {"vae": Path("/m/vae.pth")}).vae == "/m/vae.pth"
+    assert LoadOptions(vae=Path("/m/vae.pth")).validate().vae == Path("/m/vae.pth")
+    with pytest.raises(OptionError, match="vae: 5 must be text") as caught:
+        read(LoadOptions, {"vae": 5})
+    assert (caught.value.option, caught.value.value) == ("vae", 5)
 
 
 def test_unknown_names_are_refused_with_the_name():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import types
 import typing
@@ -281,8 +282,8 @@ def coerce(cls, name: str, raw: Any) -> Any:
             return raw.strip().lower() == "true"
         raise _refusal(name, raw, _WHY[kind])
     if kind == "str":
-        if isinstance(raw, str):
-            return raw
+        if isinstance(raw, str | os.PathLike):  # a path given as a Path object (in-process callers)
+            return os.fspath(raw)
         raise _refusal(name, raw, _WHY[kind])
     if kind == "int" and isinstance(raw, int) and not isinstance(raw, bool):
         return raw  # exact, however large (the range check follows)
@@ -353,7 +354,7 @@ def _type_ok(kind: str, value: Any) -> bool:
     if kind == "float":
         return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if kind == "str":
-        return isinstance(value, str)
+        return isinstance(value, str | os.PathLike)
     if kind == "lines":
         return isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
     return isinstance(value, list | tuple) and all(  # boxes
