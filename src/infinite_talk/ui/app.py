@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InfiniteTalkError
+from ..library_messages import filter_library_noise
 from ..media.request_check import check_request
+from ..model_files import check_model_source
 from ..options import GenerateOptions, LoadOptions
 from . import controls as C
 from .session import Studio, audio_frames
@@ -453,6 +455,7 @@ def _partial(req: GenerateOptions | None, video, sidecar, seed_used) -> dict:
 
 
 def launch(studio: Studio, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    filter_library_noise()  # an entry point of its own when called from Python
     gr = _gradio()
     demo = build_app(studio)
     demo.queue(max_size=64)
@@ -470,6 +473,8 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int = 7860, block: boo
 # ---- `infinite-talk ui` ------------------------------------------------------------------------------------------
 def cmd_ui(ns: argparse.Namespace) -> int:
     _gradio()  # a clear message before probing when gradio is missing
+    if ns.data_dir is None:  # with --data-dir the service's models are used
+        check_model_source(LoadOptions(preset=ns.preset, models_dir=ns.models_dir))
     studio = Studio(preset=ns.preset, models_dir=ns.models_dir, output_dir=ns.output_dir, data_dir=ns.data_dir)
     print(f"outputs go to {studio.output_dir}", flush=True)
     if studio.store is not None:
