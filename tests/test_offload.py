@@ -11,7 +11,7 @@ import torch
 from diffusers.hooks import group_offloading
 
 from infinite_talk.errors import OptionError
-from infinite_talk.models import offload
+from infinite_talk.models import diffusers_adapter, offload
 from infinite_talk.models.configs import GEOMETRY_TINY
 from infinite_talk.models.offload import (
     apply_block_swap,
@@ -63,7 +63,7 @@ def run(model) -> torch.Tensor:
 
 
 def test_the_hook_name_is_diffusers_own():
-    assert offload._GROUP_OFFLOADING == group_offloading._GROUP_OFFLOADING
+    assert diffusers_adapter.GROUP_OFFLOADING_HOOK == group_offloading._GROUP_OFFLOADING
 
 
 @pytest.mark.parametrize("value, expected", [("auto", ("auto", 0)), ("none", ("none", 0)),
@@ -144,7 +144,7 @@ def test_all_blocks_swapped_chain_their_copies():
     expected = run(model)
     apply_block_swap(model, 6, "cpu", use_stream=False, prefetch=True)
     assert offloaded_blocks(model) == list(range(6))
-    hooks = [b._diffusers_hook.get_hook(offload._GROUP_OFFLOADING) for b in model.blocks]
+    hooks = [b._diffusers_hook.get_hook(diffusers_adapter.GROUP_OFFLOADING_HOOK) for b in model.blocks]
     assert [h.next_group for h in hooks[:-1]] == [h.group for h in hooks[1:]]  # block i starts block i+1's copy
     assert model._diffusers_hook.get_hook(offload._PREFETCH).group is hooks[0].group  # the model starts block 0
     assert torch.equal(run(model), expected)

@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import InfiniteTalkError, InputError, Interrupted
 from .flags import add_schema, given_values
 from .library_messages import filter_library_noise
+from .model_files import check_model_source
 from .options import GenerateOptions, LoadOptions
 
 
@@ -98,6 +99,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         checked = check_request(request)
         for note in checked.notes:
             print("note: " + note, file=sys.stderr)
+        check_model_source(load)  # no models here and no way to download them: say so before any loading
     from .pipeline import InfiniteTalkPipeline
     from .presets.fast import plan_lines as mode_lines
 

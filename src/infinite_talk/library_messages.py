@@ -1,4 +1,4 @@
-"""Library log lines that mean nothing to a user, filtered at the entry points (CLI, and through it UI and service).
+"""Library log lines that mean nothing to a user, filtered at the entry points (the CLI, `ui.app.launch`, `serve`).
 
 Each entry names the logger, the start of the message, and what to show instead (None: nothing). A message a user
 can act on is said in our words; the rest is dropped. Only these exact messages are touched: any other warning of

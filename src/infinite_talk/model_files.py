@@ -13,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import huggingface_hub
+from huggingface_hub import HfApi, constants
+
 from .errors import CheckpointError
 from .models.checkpoint_io import common_prefix, tensor_infos
 from .options import LoadOptions
@@ -144,20 +147,58 @@ def files_from_folder(options: LoadOptions, roots: list[Path] | None = None) -> 
     )
 
 
+# What each hub repository contributes (None: the whole repository).
+HUB_PATTERNS = {"wan": None, "infinitetalk": ["single/infinitetalk.safetensors"], "wav2vec": None}
+
+
+def from_hub(options: LoadOptions) -> bool:
+    """True when the model files would come from the hub: no preset, no models folder, not every file given."""
+    explicit = [options.transformer, options.vae, options.t5, options.t5_tokenizer, options.clip, options.wav2vec]
+    return options.preset != "tiny" and not options.models_dir and not all(explicit)
+
+
+def no_models_message(reason: str) -> str:
+    """One line: what to download, and the two ways to point at it."""
+    repos = ", ".join(f"{repo}" + (f" ({' '.join(HUB_PATTERNS[name])})" if HUB_PATTERNS[name] else "")
+                      for name, repo in HUB_REPOS.items())
+    return (f"no model files, and they cannot be downloaded ({reason}): download {repos} from the Hugging Face hub "
+            "(e.g. `hf download REPO --local-dir DIR/NAME`) and pass --models-dir DIR, or fill the hub cache "
+            f"({constants.HF_HUB_CACHE}) on a connected machine and run with HF_HUB_OFFLINE=1; "
+            "--preset tiny runs without them")
+
+
+def _cached(name: str) -> bool:
+    try:
+        huggingface_hub.snapshot_download(HUB_REPOS[name], allow_patterns=HUB_PATTERNS[name], local_files_only=True)
+    except Exception:  # not in the cache (huggingface_hub raises several kinds here)
+        return False
+    return True
+
+
+def check_model_source(options: LoadOptions, timeout_s: float = 10.0) -> None:
+    """Before anything slow: files from the hub must be in its cache or the hub reachable (one look-up)."""
+    if not from_hub(options):
+        return
+    missing = [name for name in HUB_REPOS if not _cached(name)]
+    if not missing:
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(no_models_message("HF_HUB_OFFLINE is set and the hub cache does not hold them"))
+    try:
+        HfApi().model_info(HUB_REPOS[missing[0]], timeout=timeout_s)
+    except Exception as err:  # any failure to reach the hub: network, DNS, proxy, HTTP error
+        raise CheckpointError(no_models_message(f"the hub is unreachable: {type(err).__name__}")) from None
+
+
 def files_from_hub(say: Callable[[str], None]) -> list[Path]:
     """Download the released repositories into the standard hub cache; returns the snapshot folders."""
-    from huggingface_hub import snapshot_download
-
     folders = []
-    patterns = {"wan": None, "infinitetalk": ["single/infinitetalk.safetensors"], "wav2vec": None}
     for name, repo in HUB_REPOS.items():
         say(f"downloading {repo} (resumable; cached under the Hugging Face hub cache)")
         try:
-            local = snapshot_download(repo, allow_patterns=patterns[name])
-        except Exception as err:
-            raise CheckpointError(
-                f"cannot download {repo} from the Hugging Face hub ({type(err).__name__}: {err}); check the network "
-                "or download the files yourself and pass --models-dir DIR"
-            ) from err
+            local = huggingface_hub.snapshot_download(repo, allow_patterns=HUB_PATTERNS[name])
+        except Exception as err:  # network, disk, authorization: the message says what to do instead
+            first_line = (str(err).splitlines() or [""])[0][:200]
+            raise CheckpointError(no_models_message(f"{repo}: {type(err).__name__}: {first_line}")) from None
         folders.append(Path(local))
     return folders

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from ..errors import CheckpointError, InputError
 from . import checkpoint_io
@@ -113,8 +114,6 @@ def normalise_wav2vec_keys(state: dict[str, torch.Tensor], path) -> dict[str, to
 
 def wav2vec_config_from_state(state: dict[str, torch.Tensor], path, geometry: Geometry, folder_config: dict | None):
     """A `Wav2Vec2Config` for these weights, after checking them against the Tencent architecture and the geometry."""
-    from transformers import Wav2Vec2Config
-
     g = geometry.wav2vec
     n_conv = sum(1 for k in state if k.startswith("feature_extractor.conv_layers.") and k.endswith(".conv.weight"))
     n_layers = len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")})
@@ -199,8 +198,6 @@ class AudioEncoder(checkpoint_io.ModelWrapper):
 
 def build_audio_encoder(state: dict[str, torch.Tensor], config, path, device="cpu",
                         dtype: torch.dtype = torch.float32, provenance: str = "", warning: str | None = None):
-    from transformers import Wav2Vec2Model
-
     with torch.device("meta"):
         model = Wav2Vec2Model(config)
     load_module_state(model, _cast_state(state, path, dtype, device), path, "wav2vec2")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..errors import CheckpointError
 
@@ -46,7 +47,7 @@ GGUF_PLAIN = ("F32", "F16", "BF16")
 
 
 def _gguf_reader(path: Path):
-    try:
+    try:  # lazy: `gguf` is optional (the [quant] extra)
         from gguf import GGUFReader
     except ImportError as err:
         raise CheckpointError(f"{path}: reading GGUF files needs the gguf package (pip install gguf)") from err
@@ -65,6 +66,7 @@ def _gguf_shape(reader, tensor) -> tuple[int, ...]:
 
 
 def _gguf_tensors(path: Path):
+    # lazy: diffusers' GGUF utilities import the optional `gguf` package
     from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
 
     reader = _gguf_reader(path)
@@ -82,6 +84,7 @@ def _gguf_infos(path: Path) -> dict[str, TensorInfo]:
 
 
 def _iter_gguf(path: Path, keys: set[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
+    # lazy: diffusers' GGUF utilities import the optional `gguf` package
     from diffusers.quantizers.gguf.utils import GGUFParameter
 
     for reader, tensor, qtype in _gguf_tensors(path):
@@ -169,8 +172,6 @@ def iter_tensors(path: str | Path, keys: set[str] | None = None) -> Iterator[tup
     path = Path(path)
     if _is_safetensors(path):
         read_safetensors_header(path)  # validates size first
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt", device="cpu") as fh:
                 for key in fh.keys():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from ..errors import CheckpointError, InputError
 from . import checkpoint_io
@@ -85,8 +86,6 @@ def normalise_clip_state(state: dict[str, torch.Tensor], path) -> dict[str, torc
 
 
 def clip_config_from_state(state: dict[str, torch.Tensor], path, geometry: Geometry):
-    from transformers import CLIPVisionConfig
-
     g = geometry.clip
     patch = state["vision_model.embeddings.patch_embedding.weight"]
     width = patch.shape[0]
@@ -145,8 +144,6 @@ class ImageEncoder(checkpoint_io.ModelWrapper):
 def load_image_encoder(path: str | Path, geometry: Geometry, device="cpu",
                        dtype: torch.dtype = torch.float32) -> ImageEncoder:
     """CLIP ViT-H/14 visual tower from the open-clip `.pth` or an HF/ComfyUI `vision_model.*` file."""
-    from transformers import CLIPVisionModel
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: CLIP file not found; {_WANT}")

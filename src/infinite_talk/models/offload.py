@@ -31,18 +31,22 @@ import contextlib
 import dataclasses
 import functools
 import re
-from typing import TYPE_CHECKING
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook, apply_group_offloading
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..errors import OptionError
 from ..options import parse_offload
-
-if TYPE_CHECKING:
-    from diffusers.hooks.group_offloading import ModuleGroup
-
-# diffusers is imported when hooks are installed, so validating options stays light
-_GROUP_OFFLOADING = "group_offloading"  # diffusers.hooks.group_offloading._GROUP_OFFLOADING (asserted in tests)
+from .diffusers_adapter import (
+    ModuleGroup,
+    add_block_group,
+    add_model_group,
+    chain_block_groups,
+    group_offloading_hook,
+    remove_group_offloading_hooks,
+)
+from .quantize import weight_bytes
 
 _PREFETCH = "infinite_talk_prefetch"
 _COMPACT_SWAP = "infinite_talk_compact_swap"
@@ -64,28 +68,20 @@ def blocks_in_flight(num_blocks: int, n: int) -> int:
     return 2 if any(i + 1 in swapped for i in swapped) else 1
 
 
-@functools.cache
-def _prefetch_class():
-    from diffusers.hooks import ModelHook
+class Prefetch(ModelHook):
+    """On a module that runs just before a swapped block: start copying that block to the GPU (on the group's
+    side stream), so the copy overlaps this module's compute. The block's own hook waits for the copy."""
 
-    class Prefetch(ModelHook):
-        """On a module that runs just before a swapped block: start copying that block to the GPU (on the group's
-        side stream), so the copy overlaps this module's compute. The block's own hook waits for the copy."""
+    def __init__(self, group: ModuleGroup):
+        super().__init__()
+        self.group = group
 
-        def __init__(self, group: ModuleGroup):
-            super().__init__()
-            self.group = group
-
-        def pre_forward(self, module, *args, **kwargs):
-            self.group.onload_()
-            return args, kwargs
-
-    return Prefetch
+    def pre_forward(self, module, *args, **kwargs):
+        self.group.onload_()
+        return args, kwargs
 
 
-def _registry(module: torch.nn.Module):
-    from diffusers.hooks import HookRegistry
-
+def _registry(module: torch.nn.Module) -> HookRegistry:
     return HookRegistry.check_if_exists_or_initialize(module)
 
 
@@ -114,8 +110,6 @@ def _move_resident(model: torch.nn.Module, device: torch.device, skip: set[int])
 
 def is_quantized_tensor(tensor: torch.Tensor) -> bool:
     """A torchao-style tensor subclass whose data lives in inner tensors (fp8/int8/NF4 weights)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     return is_traceable_wrapper_subclass(tensor)
 
 
@@ -237,28 +231,22 @@ class CompactBlockGroup:
         self.slot = None
 
 
-@functools.cache
-def _compact_swap_class():
-    from diffusers.hooks import ModelHook
+class CompactBlockSwap(ModelHook):
+    """On a quantized swapped block: its weights onto the GPU before it runs (unless prefetched), back to the host
+    copies after."""
 
-    class CompactBlockSwap(ModelHook):
-        """On a quantized swapped block: its weights onto the GPU before it runs (unless prefetched), back to the
-        host copies after."""
+    def __init__(self, group: CompactBlockGroup):
+        super().__init__()
+        self.group = group
 
-        def __init__(self, group: CompactBlockGroup):
-            super().__init__()
-            self.group = group
+    def pre_forward(self, module, *args, **kwargs):
+        self.group.onload_()
+        self.group.wait()
+        return args, kwargs
 
-        def pre_forward(self, module, *args, **kwargs):
-            self.group.onload_()
-            self.group.wait()
-            return args, kwargs
-
-        def post_forward(self, module, output):
-            self.group.offload_()
-            return output
-
-    return CompactBlockSwap
+    def post_forward(self, module, output):
+        self.group.offload_()
+        return output
 
 
 def _has_quantized_weights(block: torch.nn.Module) -> bool:
@@ -270,13 +258,6 @@ def apply_block_swap(model: torch.nn.Module, n: int, onload_device, offload_devi
     """Keep `n` of `model.blocks` in (pinned, with a stream) host memory; the rest of the model goes to
     `onload_device`. `use_stream` defaults to True on CUDA; `prefetch` (copy a block while the previous module runs)
     defaults to `use_stream` — without a stream an early copy only holds memory sooner. Returns a report."""
-    from diffusers.hooks.group_offloading import (
-        GroupOffloadingConfig,
-        GroupOffloadingHook,
-        GroupOffloadingType,
-        ModuleGroup,
-    )
-
     onload, offload = torch.device(onload_device), torch.device(offload_device)
     use_stream = onload.type == "cuda" if use_stream is None else use_stream
     prefetch = use_stream if prefetch is None else prefetch
@@ -284,32 +265,25 @@ def apply_block_swap(model: torch.nn.Module, n: int, onload_device, offload_devi
     swapped = swapped_block_indices(len(blocks), n)
     _move_resident(model, onload, set(swapped))
     stream = torch.cuda.Stream(onload) if use_stream else None
-    config = GroupOffloadingConfig(onload_device=onload, offload_device=offload,
-                                   offload_type=GroupOffloadingType.BLOCK_LEVEL, non_blocking=use_stream,
-                                   record_stream=False, low_cpu_mem_usage=False, num_blocks_per_group=1,
-                                   stream=stream)
     groups: dict[int, ModuleGroup | CompactBlockGroup] = {}
     for i in swapped:
         block = blocks[i]
         if _has_quantized_weights(block):
             groups[i] = CompactBlockGroup(block, onload, stream, pin=use_stream)
-            _registry(block).register_hook(_compact_swap_class()(groups[i]), _COMPACT_SWAP)
+            _registry(block).register_hook(CompactBlockSwap(groups[i]), _COMPACT_SWAP)
             continue
         # building the group pins a host copy of this block (with a stream); registering the hook offloads it,
         # so host memory holds one extra block at a time while this runs
-        groups[i] = ModuleGroup([block], offload_device=offload, onload_device=onload, offload_leader=block,
-                                onload_leader=block, non_blocking=use_stream, stream=stream, record_stream=False,
-                                low_cpu_mem_usage=False, onload_self=not prefetch, group_id=f"blocks.{i}")
-        _registry(block).register_hook(GroupOffloadingHook(groups[i], config=config), _GROUP_OFFLOADING)
+        groups[i] = add_block_group(block, onload, offload, stream, onload_self=not prefetch, group_id=f"blocks.{i}")
     _share_slots([g for g in groups.values() if isinstance(g, CompactBlockGroup)], onload, len(blocks), swapped)
     if prefetch:
         for i, group in groups.items():
             if i - 1 in groups and isinstance(groups[i - 1], ModuleGroup) and isinstance(group, ModuleGroup):
                 # the previous block is swapped too: its hook starts this copy (diffusers' chain)
-                _registry(blocks[i - 1]).get_hook(_GROUP_OFFLOADING).next_group = group
+                chain_block_groups(blocks[i - 1], group)
             else:  # a resident (or compact-swapped) block, or the model itself for block 0, starts it
                 trigger = blocks[i - 1] if i > 0 else model
-                _registry(trigger).register_hook(_prefetch_class()(group), _PREFETCH)
+                _registry(trigger).register_hook(Prefetch(group), _PREFETCH)
     per_block = [_group_bytes(groups[i]) for i in swapped]
     compact = sum(isinstance(g, CompactBlockGroup) for g in groups.values())
     return {"offload": f"blocks:{n}", "swapped_blocks": swapped, "swapped_bytes": sum(per_block),
@@ -335,8 +309,6 @@ def apply_sequential(model: torch.nn.Module, onload_device, offload_device="cpu"
     """diffusers leaf-level group offloading of the whole model (every Linear/Conv/Embedding and the parameters
     outside them visit the GPU only while their module runs). `low_cpu_mem_usage` pins each layer when it is copied
     instead of keeping a pinned copy (slower copies, no page-locked host memory)."""
-    from diffusers.hooks import apply_group_offloading
-
     onload = torch.device(onload_device)
     use_stream = onload.type == "cuda" if use_stream is None else use_stream
     apply_group_offloading(model, onload_device=onload, offload_device=torch.device(offload_device),
@@ -367,29 +339,14 @@ def apply_offload(model: torch.nn.Module, setting: str, device) -> dict:
 def offload_after_use(model: torch.nn.Module, onload_device, offload_device="cpu") -> None:
     """Keep `model` in host memory; each forward moves it to `onload_device` and back afterwards (one model-level
     group, synchronous copies: an encoder runs a few times per video)."""
-    from diffusers.hooks.group_offloading import (
-        GroupOffloadingConfig,
-        GroupOffloadingHook,
-        GroupOffloadingType,
-        ModuleGroup,
-    )
-
-    onload, offload = torch.device(onload_device), torch.device(offload_device)
-    group = ModuleGroup([model], offload_device=offload, onload_device=onload, offload_leader=model,
-                        onload_leader=model, non_blocking=False, stream=None, record_stream=False,
-                        low_cpu_mem_usage=False, onload_self=True, group_id=type(model).__name__)
-    config = GroupOffloadingConfig(onload_device=onload, offload_device=offload,
-                                   offload_type=GroupOffloadingType.BLOCK_LEVEL, non_blocking=False,
-                                   record_stream=False, low_cpu_mem_usage=False, num_blocks_per_group=1)
-    _registry(model).register_hook(GroupOffloadingHook(group, config=config), _GROUP_OFFLOADING)
+    add_model_group(model, torch.device(onload_device), torch.device(offload_device))
 
 
 def offloaded_groups(model: torch.nn.Module) -> dict[str, ModuleGroup]:
     """Module name -> the weight group its offloading hook moves (groups that hold weights only)."""
     out = {}
     for name, module in model.named_modules():
-        hook = getattr(module, "_diffusers_hook", None)
-        hook = (hook.get_hook(_GROUP_OFFLOADING) or hook.get_hook(_COMPACT_SWAP)) if hook is not None else None
+        hook = group_offloading_hook(module) or group_offloading_hook(module, _COMPACT_SWAP)
         if hook is not None and (hook.group.modules or hook.group.parameters or hook.group.buffers):
             out[name] = hook.group
     return out
@@ -411,15 +368,11 @@ def remove_offload(model: torch.nn.Module) -> None:
     """Drop all offloading hooks; the weights stay where they are (host or GPU). For switching settings in one
     process (the memory benchmark)."""
     release(model)
+    remove_group_offloading_hooks(model)
     registry = _registry(model)
-    registry.remove_hook(_GROUP_OFFLOADING, recurse=True)
     registry.remove_hook(_PREFETCH, recurse=True)
     registry.remove_hook(_COMPACT_SWAP, recurse=True)
-    for name in ("layer_execution_tracker", "lazy_prefetch_group_offloading"):
-        registry.remove_hook(name, recurse=True)
 
 
 def _group_bytes(group: ModuleGroup) -> int:
-    from .quantize import weight_bytes
-
     return sum(weight_bytes(m) for m in group.modules)

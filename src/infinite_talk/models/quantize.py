@@ -29,6 +29,8 @@ from torch import nn
 
 from ..errors import OptionError
 
+# torchao is optional (the [quant] extra): every torchao import below is inside the function that needs it, after
+# `import_torchao()` has given the install hint.
 MODES = ("fp8-compute", "fp8-storage", "int8-weight-only", "nf4", "nvfp4")
 
 

@@ -18,7 +18,9 @@ import html
 import re
 from pathlib import Path
 
+import ftfy
 import torch
+from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from ..errors import CheckpointError, InputError
 from . import checkpoint_io
@@ -123,8 +125,6 @@ def normalise_t5_state(state: dict[str, torch.Tensor], path) -> dict[str, torch.
 
 
 def t5_config_from_state(state: dict[str, torch.Tensor], path, geometry: Geometry):
-    from transformers import UMT5Config
-
     g = geometry.t5
     emb = state["shared.weight"]
     layers = len({k.split(".")[2] for k in state if k.startswith("encoder.block.")})
@@ -159,8 +159,6 @@ def _upcast_state(state, device, dtype):
 
 def load_t5_model(weights_path: str | Path, geometry: Geometry, device="cpu", dtype: torch.dtype = torch.float32):
     """The `UMT5EncoderModel` of a umT5 weights file or folder (either layout), validated against the geometry."""
-    from transformers import UMT5EncoderModel
-
     raw, path = _read_weights(Path(weights_path))
     state = normalise_t5_state(raw, path)
     config = t5_config_from_state(state, path, geometry)
@@ -173,16 +171,12 @@ def load_t5_model(weights_path: str | Path, geometry: Geometry, device="cpu", dt
 
 def clean_prompt(text: str) -> str:
     """Reference cleaning: ftfy.fix_text, html.unescape twice, strip, collapse whitespace."""
-    import ftfy
-
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
 
 
 def load_tokenizer(tokenizer_path: str | Path):
-    from transformers import AutoTokenizer
-
     path = Path(tokenizer_path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: tokenizer folder not found; download the google/umt5-xxl tokenizer files "

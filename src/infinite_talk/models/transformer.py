@@ -27,11 +27,13 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.models.attention_dispatch import _templated_context_parallel_attention, dispatch_attention_fn
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
 
+from .attention_kernels import KERNELS
 from .configs import DiTConfig
+from .diffusers_adapter import context_parallel_attention
 
 # L-RoPE positions (reference class_range=24, class_interval=4): speaker-1 tokens in [0, 4], speaker-2 tokens in
 # [20, 24], background 12; speaker-1 audio tokens sit at 2 and speaker-2 audio tokens at 22.
@@ -120,8 +122,7 @@ class InfiniteTalkAttnProcessor:
     def _attend(self, q, k, v, mask, self_attention: bool) -> torch.Tensor:
         parallel = self._parallel_config if self_attention else None
         if parallel is not None and self._cp_forward_op is not None:  # diffusers' Ulysses/ring around our op
-            out = _templated_context_parallel_attention(q, k, v, attn_mask=mask, forward_op=self._cp_forward_op,
-                                                        backward_op=None, _parallel_config=parallel)
+            out = context_parallel_attention(q, k, v, mask, self._cp_forward_op, parallel)
             return out.flatten(2, 3).type_as(q)
         if self._kernel is not None:
             if mask is not None:
@@ -336,8 +337,6 @@ class InfiniteTalkTransformer(WanTransformer3DModel):
     def set_attention_backend(self, backend: str) -> None:
         """A diffusers dispatcher backend name, or one of ours (`attention_kernels.KERNELS`), for every attention:
         self, text/image cross and audio cross."""
-        from .attention_kernels import KERNELS
-
         kernel = KERNELS.get(backend)
         super().set_attention_backend("native" if kernel else backend)
         for block in self.blocks:

@@ -28,6 +28,7 @@ from accelerate.utils import set_module_tensor_to_device
 from ..errors import CheckpointError
 from .checkpoint_io import GGUF_PLAIN, common_prefix, is_gguf, iter_tensors, tensor_infos, weight_files
 from .configs import Geometry
+from .diffusers_adapter import replace_with_gguf_linear
 from .transformer import InfiniteTalkTransformer
 
 # Original (released) module names -> this model's module names. Adapter modules keep their released names.
@@ -304,8 +305,9 @@ def load_transformer(
 
 def _use_gguf_linears(model: InfiniteTalkTransformer, quantized: dict[str, str], dtype: torch.dtype) -> None:
     """Swap the Linear layers whose weights arrive GGUF-quantized for diffusers' GGUFLinear (compute in `dtype`)."""
+    # lazy: the optional `gguf` package (diffusers' GGUF utilities import it too)
     import gguf
-    from diffusers.quantizers.gguf.utils import GGUFParameter, _replace_with_gguf_linear
+    from diffusers.quantizers.gguf.utils import GGUFParameter
 
     not_linear = [k for k in quantized if not isinstance(model.get_submodule(k.rsplit(".", 1)[0]), torch.nn.Linear)]
     if not_linear:
@@ -314,7 +316,7 @@ def _use_gguf_linears(model: InfiniteTalkTransformer, quantized: dict[str, str],
     # diffusers decides per layer from a state dict of GGUFParameters; empty placeholders carry the types
     placeholders = {k: GGUFParameter(torch.empty(0, dtype=torch.uint8), quant_type=gguf.GGMLQuantizationType[q])
                     for k, q in quantized.items()}
-    _replace_with_gguf_linear(model, dtype, placeholders)
+    replace_with_gguf_linear(model, dtype, placeholders)
 
 
 def state_dict_in_original_layout(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

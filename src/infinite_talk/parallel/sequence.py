@@ -5,7 +5,7 @@ into one slice per process; the slices are gathered again after `proj_out`. Insi
 except three things, handled here:
 
 * the self-attention is diffusers' context-parallel attention (`ContextParallelConfig`): Ulysses all-to-all over the
-  heads, ring attention over key/value blocks, or both (`_templated_context_parallel_attention`). A dispatcher
+  heads, ring attention over key/value blocks, or both (`models/diffusers_adapter.context_parallel_attention`). A dispatcher
   backend with its own context-parallel support runs through `dispatch_attention_fn(parallel_config=...)`; any other
   kernel (FlashAttention-3, our fa3-fwd / SageAttention3, SDPA on the CPU with ring) becomes the local attention op
   inside diffusers' Ulysses (and, on the CPU, ring) code — the all-to-all and the ring merge stay diffusers';
@@ -27,10 +27,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
-from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
+from diffusers import ContextParallelConfig, ParallelConfig
+from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+from torch.distributed.device_mesh import init_device_mesh
 
 from ..errors import InputError, OptionError
+from ..models.diffusers_adapter import (
+    active_attention_backend,
+    backend_supports_context_parallel,
+    context_parallel_group,
+)
 
 
 def supports_context_parallel(backend: str) -> bool:
@@ -39,7 +45,7 @@ def supports_context_parallel(backend: str) -> bool:
         name = AttentionBackendName(backend)
     except ValueError:  # fa3_fwd, sageattn3: attention_kernels.py
         return False
-    return _AttentionBackendRegistry._is_context_parallel_available(name)
+    return backend_supports_context_parallel(name)
 
 
 def ring_capable(backend: str, device_type: str) -> bool:
@@ -56,15 +62,13 @@ class SequenceParallel:
     Build it on every process right after the process group starts (creating the mesh is a collective)."""
 
     def __init__(self, ulysses: int, ring: int, device: torch.device | str):
-        from torch.distributed.device_mesh import init_device_mesh
-
         self.ulysses, self.ring, self.size = ulysses, ring, ulysses * ring
         self.device = torch.device(device)
         mesh = init_device_mesh(self.device.type, (ring, ulysses), mesh_dim_names=("ring", "ulysses"))
         self._configs = {False: self._config(mesh, anything=False)}
         if ring == 1 or ulysses == 1:  # diffusers' unequal-slice attention exists for one kind at a time
             self._configs[True] = self._config(mesh, anything=True)
-        self.group = self._configs[False].context_parallel_config._flattened_mesh.get_group()
+        self.group = context_parallel_group(self._configs[False])
         self.rank = dist.get_rank(self.group)
         self._processors: list = []
         self._active: ParallelConfig | None = None
@@ -93,7 +97,7 @@ class SequenceParallel:
 
     def _local_op(self, processor):
         """None when diffusers' dispatcher does the context-parallel attention itself, else the op it runs inside."""
-        backend = processor._attention_backend or _AttentionBackendRegistry.get_active_backend()[0].value
+        backend = processor._attention_backend or active_attention_backend()
         backend = getattr(backend, "value", backend)
         if processor._kernel is None and supports_context_parallel(backend) and (
                 self.ring == 1 or backend != "native"):

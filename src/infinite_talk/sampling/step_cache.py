@@ -24,10 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, ModelHook
 
 from ..errors import OptionError
+from ..models.diffusers_adapter import (
+    BaseState,
+    StateManager,
+    first_block_cache_skip_reader,
+    register_block_returning_hidden_states,
+)
 
 KINDS = ("off", "teacache", "firstblock")
 DEFAULT_THRESHOLD = {"teacache": 0.2, "firstblock": 0.05}
@@ -185,15 +190,13 @@ class StepCache:
                 HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, _TEA_BLOCK)
             self._read_skip = lambda: manager.get_state().skip
         else:
-            from diffusers.hooks import FirstBlockCacheConfig
-            from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
-
-            _register_block_class(type(blocks[0]))
+            # FirstBlockCache finds a block's output through diffusers' block registry; our block subclass returns
+            # the hidden states alone, like diffusers' Wan block
+            register_block_returning_hidden_states(type(blocks[0]))
             if len(blocks) < 2:
                 raise OptionError("step_cache=firstblock needs a transformer with at least 2 blocks")
             self.transformer.enable_cache(FirstBlockCacheConfig(threshold=self.threshold))
-            leader = HookRegistry.check_if_exists_or_initialize(blocks[0]).get_hook(_FBC_LEADER_BLOCK_HOOK)
-            self._read_skip = lambda: not leader.state_manager.get_state().should_compute
+            self._read_skip = first_block_cache_skip_reader(blocks[0])
         self._root().invalidate_child_registries_cache()
         self.installed = True
 
@@ -230,19 +233,6 @@ class StepCache:
             self.skipped_this_chunk += 1
             self.skipped_by_pass[pass_name] += 1
         return output
-
-
-def _register_block_class(block_class: type) -> None:
-    """FirstBlockCache finds a block's hidden-states argument and output through diffusers' block registry; our
-    block subclass returns the hidden states alone, like diffusers' Wan block."""
-    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-
-    try:
-        TransformerBlockRegistry.get(block_class)
-    except ValueError:
-        TransformerBlockRegistry.register(
-            block_class, TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
-        )
 
 
 def make_step_cache(transformer, kind: str, threshold: float | None, size: int) -> StepCache | None:

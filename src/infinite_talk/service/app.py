@@ -26,6 +26,8 @@ import threading
 
 from ..errors import OptionError
 from ..flags import add_schema, build_options
+from ..library_messages import filter_library_noise
+from ..model_files import check_model_source
 from ..options import LoadOptions
 from .network import is_loopback
 
@@ -187,6 +189,7 @@ def _load_pipelines(load: LoadOptions, devices: list[str]) -> list:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    filter_library_noise()  # before the model libraries load (the CLI has installed it already; cheap to repeat)
     from ..parallel.launch import PeerError
     from .store import JobStore
     from .uploads import Limits
@@ -217,6 +220,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if getattr(load, "mode", "standard") != "standard":  # it sets per-job sampling values the queue does not apply yet
         raise OptionError(f"--mode {load.mode} is not available in the job service yet; pass its sampling values "
                           "(steps, text_scale, audio_scale, scheduler) in each job's options instead")
+    check_model_source(load)  # every process: one that refused would leave the others waiting
     if not world.is_leader:  # no HTTP, no files: the transformer calls of rank 0's jobs, until it stops
         from ..follower import run_follower
 

@@ -15,7 +15,9 @@ from typing import Any
 
 from ..errors import InfiniteTalkError
 from ..flags import add_schema, build_options
+from ..library_messages import filter_library_noise
 from ..media.request_check import check_request
+from ..model_files import check_model_source
 from ..options import GenerateOptions, LoadOptions
 from . import controls as C
 from .session import Studio, audio_frames
@@ -454,6 +456,7 @@ def _partial(req: GenerateOptions | None, video, sidecar, seed_used) -> dict:
 
 
 def launch(studio: Studio, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    filter_library_noise()  # an entry point of its own when called from Python
     gr = _gradio()
     demo = build_app(studio)
     demo.queue(max_size=64)
@@ -472,6 +475,8 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int = 7860, block: boo
 def cmd_ui(ns: argparse.Namespace) -> int:
     _gradio()  # a clear message before probing when gradio is missing
     given = build_options(LoadOptions, ns)  # --preset and --models-dir, read by the schema
+    if ns.data_dir is None:  # with --data-dir the service's models are used
+        check_model_source(given)
     studio = Studio(preset=given.preset, models_dir=given.models_dir, output_dir=ns.output_dir, data_dir=ns.data_dir)
     print(f"outputs go to {studio.output_dir}", flush=True)
     if studio.store is not None:
