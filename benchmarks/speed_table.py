@@ -54,6 +54,16 @@ def rows() -> list[tuple[str, str, str]]:
     out.append(("fast chunk 480p (4 steps x 1 pass, fp8, compiled)",
                 f"{c['chunk_s']:.2f} s ({c['real_time_factor']:.2f}x real time; decode {c['stages_s']['decode']:.2f} s)",
                 f"{c['matmul_tflops_bf16']:.0f}"))
+    v = {r["variant"]: r for r in _load("vae_speed_fused_h200_480.json")["rows"]}
+    base, fused = v["channels_last"], v["channels_last+fused"]
+    out.append(("VAE decode / encode 480p, bf16: fused kernels / before (same run)",
+                f"{fused['decode_s']:.2f} / {fused['encode_s']:.2f} s; before {base['decode_s']:.2f} / "
+                f"{base['encode_s']:.2f} s (decode rel-L2 vs fp32 {fused['decode_rel_l2_vs_first']:.3f} / "
+                f"{base['decode_rel_l2_vs_first']:.3f})", "-"))
+    load = _load("load_speed_h200_14b.json")
+    for r in load["rows"]:
+        out.append((f"load 14B transformer ({load['checkpoint_gb']:.1f} GB, 7 shards + adapter), {r['quantization']}, "
+                    f"page cache {r['page_cache']}", f"{r['total_s']:.1f} s ({r['effective_gb_s']:.2f} GB/s)", "-"))
     cold = _load("cold_start_h200_480_fp8.json")["runs"]
     out.append(("first fp8 compiled forward: fresh process / second process (compile cache)",
                 f"{cold[0]['first_forward_s']:.0f} s / {cold[1]['first_forward_s']:.1f} s", "-"))
