@@ -50,6 +50,7 @@ def rows() -> list[tuple[str, str, str]]:
                     f"{row['seconds_per_forward']:.3f} s (rel-L2 vs the FA3 forward {row['rel_l2_vs_reference']:.3f})",
                     f"{s['matmul_tflops']:.0f}"))
     forward("DiT forward 720p (75,600 tokens), fp8, FA3, eager", "dit_h200_720_fa3_fp8.json")
+    forward("DiT forward 720p (75,600 tokens), bf16, FA3, eager", "dit_h200_720_fa3_bf16.json")
     c = _load("chunk_h200_480_fast_fp8_fa3_compile.json")
     out.append(("fast chunk 480p (4 steps x 1 pass, fp8, compiled)",
                 f"{c['chunk_s']:.2f} s ({c['real_time_factor']:.2f}x real time; decode {c['stages_s']['decode']:.2f} s)",
