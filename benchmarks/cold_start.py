@@ -33,7 +33,7 @@ def child(args) -> dict:
     cfg = GEOMETRIES[args.config].dit
     frames, lat_h, lat_w = grid(args.config, args.size)
     t = time.perf_counter()
-    model = build_model(cfg, device, torch.bfloat16, args.attention, args.quantization)
+    model = build_model(cfg, device, torch.bfloat16, args.attention, args.quantization, layers=args.layers)
     build_s = time.perf_counter() - t
     if args.compile:
         compile_blocks(model)
@@ -41,11 +41,14 @@ def child(args) -> dict:
     with torch.inference_mode():
         first = timed(lambda: model(**inputs), device, 1)[0]
         second = timed(lambda: model(**inputs), device, 1)[0]
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import compile_times, counters
+
+    print(compile_times(repr="str"), file=sys.stderr, flush=True)
 
     return {"device": device_name(device), "build_s": round(build_s, 2), "first_forward_s": round(first, 2),
             "second_forward_s": round(second, 3), "process_s": round(time.perf_counter() - START, 2),
             "dynamo_unique_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()), "layers": args.layers or cfg.num_layers,
             "cache_dirs": {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}}
 
 
@@ -58,6 +61,7 @@ def main() -> None:
     parser.add_argument("--quantization", default="fp8-compute")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--layers", type=int, help="build only this many transformer blocks (diagnosis)")
     parser.add_argument("--cache", help="compile cache folder (default: a fresh temporary one)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out")

@@ -50,10 +50,21 @@ def rows() -> list[tuple[str, str, str]]:
                     f"{row['seconds_per_forward']:.3f} s (rel-L2 vs the FA3 forward {row['rel_l2_vs_reference']:.3f})",
                     f"{s['matmul_tflops']:.0f}"))
     forward("DiT forward 720p (75,600 tokens), fp8, FA3, eager", "dit_h200_720_fa3_fp8.json")
+    forward("DiT forward 720p (75,600 tokens), bf16, FA3, eager", "dit_h200_720_fa3_bf16.json")
     c = _load("chunk_h200_480_fast_fp8_fa3_compile.json")
     out.append(("fast chunk 480p (4 steps x 1 pass, fp8, compiled)",
                 f"{c['chunk_s']:.2f} s ({c['real_time_factor']:.2f}x real time; decode {c['stages_s']['decode']:.2f} s)",
                 f"{c['matmul_tflops_bf16']:.0f}"))
+    v = {r["variant"]: r for r in _load("vae_speed_fused_h200_480.json")["rows"]}
+    base, fused = v["channels_last"], v["channels_last+fused"]
+    out.append(("VAE decode / encode 480p, bf16: fused kernels / before (same run)",
+                f"{fused['decode_s']:.2f} / {fused['encode_s']:.2f} s; before {base['decode_s']:.2f} / "
+                f"{base['encode_s']:.2f} s (decode rel-L2 vs fp32 {fused['decode_rel_l2_vs_first']:.3f} / "
+                f"{base['decode_rel_l2_vs_first']:.3f})", "-"))
+    load = _load("load_speed_h200_14b.json")
+    for r in load["rows"]:
+        out.append((f"load 14B transformer ({load['checkpoint_gb']:.1f} GB, 7 shards + adapter), {r['quantization']}, "
+                    f"page cache {r['page_cache']}", f"{r['total_s']:.1f} s ({r['effective_gb_s']:.2f} GB/s)", "-"))
     cold = _load("cold_start_h200_480_fp8.json")["runs"]
     out.append(("first fp8 compiled forward: fresh process / second process (compile cache)",
                 f"{cold[0]['first_forward_s']:.0f} s / {cold[1]['first_forward_s']:.1f} s", "-"))

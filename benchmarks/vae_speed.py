@@ -5,7 +5,10 @@
 
 Variants: `eager` (as loaded), `cudnn_benchmark` (cuDNN autotuning of the 3-D convolutions), `channels_last`
 (Conv3d weights in channels_last_3d, so convolutions run NDHWC), `compile` (torch.compile of each decoder residual
-block). Each reports the median decode and encode seconds and the decode's max difference from `eager`.
+block), `fused` (`WanVae.use_fused_kernels`: fused RMS-norm + SiLU, spatial padding inside the convolutions),
+`stepsN` (N latent frames per causal decoder/encoder call; with `fused`), `fp32` (the VAE in float32: put it first
+to measure every variant's error against float32). Each reports the median decode and encode
+seconds, the peak memory, and the decode's and encode's max and relative L2 difference from the first variant.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from chunk import random_vae
 
 import torch
 
-from dit_forward import device_name, grid, report, timed
+from dit_forward import device_name, grid, peak_gib, report, timed
 from infinite_talk.models.configs import GEOMETRIES
 
 
@@ -34,8 +37,8 @@ def main() -> None:
     parser.add_argument("--variants", default="eager,cudnn_benchmark,channels_last,channels_last+cudnn_benchmark,"
                                               "compile")
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile one decode of the first variant: the top operators by device time")
+    parser.add_argument("--profile", default="",
+                        help="comma-separated variants to profile one decode of: the top operators by device time")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -44,32 +47,42 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     latent = torch.randn(1, 16, frames, lat_h, lat_w, generator=g).to(device)
     video = (torch.rand(1, 3, 4 * (frames - 1) + 1, lat_h * 8, lat_w * 8, generator=g) * 2 - 1).to(device)
-    rows, reference = [], None
+    rows, reference, profiles = [], None, {}
     for variant in args.variants.split(","):
         parts = set(variant.split("+"))
+        steps = next((int(p[5:]) for p in parts if p.startswith("steps")), 1)
         torch.backends.cudnn.benchmark = "cudnn_benchmark" in parts
         torch.manual_seed(0)  # the same random weights for every variant
-        vae = random_vae(geometry, device, torch.bfloat16)
+        vae = random_vae(geometry, device, torch.float32 if "fp32" in parts else torch.bfloat16)
         if "channels_last" in parts:
             vae.use_channels_last()
+        if "fused" in parts or steps > 1:
+            vae.use_fused_kernels(steps)
         if "compile" in parts:
             compile_decoder(vae)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         with torch.inference_mode():
             first = timed(lambda vae=vae: vae.decode(latent), device, 1)[0]
             out = vae.decode(latent).float()
+            enc = vae.encode(video).float()
             decode = statistics.median(timed(lambda vae=vae: vae.decode(latent), device, args.iters))
             encode = statistics.median(timed(lambda vae=vae: vae.encode(video), device, args.iters))
-        if args.profile and reference is None:
-            profile = profile_decode(vae, latent, device)
-        reference = out if reference is None else reference
+        if variant in args.profile.split(","):
+            profiles[variant] = profile_decode(vae, latent, device)
+        reference = (out, enc) if reference is None else reference
         rows.append({"variant": variant, "first_decode_s": round(first, 3), "decode_s": round(decode, 4),
-                     "encode_s": round(encode, 4), "max_abs_diff_vs_first": float((out - reference).abs().max())})
+                     "encode_s": round(encode, 4), "peak_gib": peak_gib(device),
+                     "decode_max_abs_diff_vs_first": float((out - reference[0]).abs().max()),
+                     "decode_rel_l2_vs_first": float((out - reference[0]).norm() / reference[0].norm()),
+                     "encode_max_abs_diff_vs_first": float((enc - reference[1]).abs().max()),
+                     "encode_rel_l2_vs_first": float((enc - reference[1]).norm() / reference[1].norm())})
         print(rows[-1], flush=True)
         del vae
     result = {"device": device_name(device), "config": args.config, "latent": list(latent.shape),
               "torch": torch.__version__, "rows": rows}
-    if args.profile:
-        result["profile"] = profile
+    if profiles:
+        result["profiles"] = profiles
     report(result, args.out)
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,3 +141,55 @@ def test_refusals(vae_file, tmp_path):
     cut.write_bytes(cut.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=r"cut\.safetensors: file is truncated"):
         load_vae(cut, G)
+
+
+def test_fused_kernels_decode_and_encode_as_diffusers_does(vae_file):
+    """The fused norm + SiLU (its PyTorch path here), padding inside the convolutions, conv1's bias moved into norm2,
+    native-dtype upsampling and several latent frames per causal step compute what diffusers' own loop computes."""
+    from infinite_talk.models.vae import NormSiLU
+
+    plain, fast = load_vae(vae_file, G), load_vae(vae_file, G)
+    fast.use_fused_kernels(frames_per_step=3)
+    assert sum(isinstance(m, NormSiLU) for m in fast.model.modules()) > 0
+    assert all(isinstance(b.norm1, NormSiLU) and isinstance(b.nonlinearity, torch.nn.Identity)
+               for b in fast.model.modules() if type(b).__name__ == "WanResidualBlock")
+    assert sorted(plain.model.state_dict()) == sorted(fast.model.state_dict())
+    latent = torch.randn(1, 16, 6, 4, 6, generator=torch.Generator().manual_seed(1))
+    a, b = plain.decode(latent), fast.decode(latent)
+    assert a.shape == b.shape == (1, 3, 21, 32, 48)
+    assert (a - b).abs().max() < 1e-4
+    video = _video(frames=17, h=32, w=48)
+    a, b = plain.encode(video), fast.encode(video)
+    assert a.shape == b.shape == (1, 16, 5, 4, 6)
+    assert (a - b).abs().max() < 1e-4
+
+
+_NORM_SILU_INTERPRETER = """
+import json, os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from infinite_talk.models.vae_kernels import fused_norm_silu, norm_silu_reference
+g = torch.Generator().manual_seed(1)
+out = {}
+for c in (96, 20):
+    x = (torch.randn(1, c, 3, 5, 7, generator=g) * 3).contiguous(memory_format=torch.channels_last_3d)
+    gamma = torch.randn(c, 1, 1, 1, generator=g)
+    for silu, bias in ((True, None), (False, None), (True, torch.randn(c, generator=g))):
+        got = fused_norm_silu(x, gamma, silu, bias)
+        ref = norm_silu_reference(x, gamma, silu, bias)
+        out[f"{c}-{silu}-{bias is None}"] = [float((got - ref).abs().max()),
+                                             got.is_contiguous(memory_format=torch.channels_last_3d)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None and not os.environ.get("CI"),
+                    reason="Triton is not installed here (CI installs it: the test extras)")
+def test_norm_silu_kernel_matches_its_reference_in_the_interpreter():
+    proc = subprocess.run([sys.executable, "-c", _NORM_SILU_INTERPRETER], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(res) == 6
+    for diff, channels_last in res.values():
+        assert diff < 1e-5 and channels_last

@@ -9,18 +9,28 @@ the real [1,2,4,4] stage layout). Wan2.2 (48 latent channels) and lightVAE (prun
 
 `encode(video [1,3,F,H,W] in [-1,1])` = (mu - mean) * (1/std) (mu = encoder mode, no sampling);
 `decode(latent)` = decoder(latent / (1/std) + mean) clamped to [-1, 1] — the reference `WanVAE` wrapper.
+
+On CUDA (`use_fused_kernels`) three changes leave the arithmetic as it is and cut the passes over memory: each
+residual block's RMS-norm + SiLU is one kernel (`vae_kernels.py`), the causal convolutions pad height and width inside
+cuDNN instead of copying the input into a padded tensor, and the decoder/encoder run `frames_per_step` latent frames
+per causal step instead of one (the causal cache makes both orders compute the same convolutions). The functions that
+do this reach into diffusers' `AutoencoderKLWan` internals (module attributes, the causal-cache list); they are the
+ones marked "diffusers internals" below.
 """
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import CheckpointError, InputError
 from . import checkpoint_io
 from .audio_encoder import load_module_state
 from .configs import Geometry
+from .vae_kernels import norm_silu
 
 WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -130,6 +140,116 @@ def normalise_vae_state(state: dict[str, torch.Tensor], path, geometry: Geometry
     return state
 
 
+class NormSiLU(torch.nn.Module):
+    """A residual block's `WanRMS_norm` and the SiLU after it as one module (same `gamma` parameter name)."""
+
+    def __init__(self, norm: torch.nn.Module, conv_before: torch.nn.Module | None = None):
+        super().__init__()
+        self.gamma = norm.gamma
+        self.conv_before = [conv_before]  # the convolution whose bias this adds (a list: not a submodule)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv_before[0]
+        return norm_silu(x, self.gamma, bias_in=None if conv is None else conv.bias)
+
+
+def fuse_norm_silu(model: torch.nn.Module) -> int:
+    """diffusers internals: in every `WanResidualBlock` (norm1/norm2, each followed by `nonlinearity`) and in the
+    encoder/decoder heads (norm_out, then `nonlinearity`), the norm becomes `NormSiLU` and the SiLU an identity;
+    norm2 also adds conv1's bias (conv1 feeds norm2 alone), which conv1 then leaves out (`bias_elsewhere`).
+    Returns the number of fused pairs (0 where the layout is not the expected one, leaving the model untouched)."""
+    targets = []
+    for module in model.modules():
+        name = type(module).__name__
+        norms = (("norm1", "norm2") if name == "WanResidualBlock"
+                 else ("norm_out",) if name in ("WanDecoder3d", "WanEncoder3d") else ())
+        if not norms:
+            continue
+        parts = [getattr(module, n, None) for n in norms]
+        if (not isinstance(getattr(module, "nonlinearity", None), torch.nn.SiLU)
+                or any(type(p).__name__ != "WanRMS_norm" or isinstance(p.bias, torch.Tensor) for p in parts)):
+            return 0
+        targets.append((module, norms))
+    for module, norms in targets:
+        conv1 = getattr(module, "conv1", None)
+        for n in norms:
+            takes_bias = (n == "norm2" and conv1 is not None and conv1.bias is not None
+                          and getattr(conv1.forward, "__func__", None) is _causal_conv_padding_inside)
+            setattr(module, n, NormSiLU(getattr(module, n), conv1 if takes_bias else None))
+            if takes_bias:
+                conv1.bias_elsewhere = True
+        module.nonlinearity = torch.nn.Identity()
+    return sum(len(n) for _, n in targets)
+
+
+def _causal_conv_padding_inside(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+    """`WanCausalConv3d.forward` with height/width zero padding done by the convolution: only the causal (time)
+    padding is materialised, and only where the cache does not already supply those frames. The bias is left to the
+    next module where `fuse_norm_silu` moved it there."""
+    front = self._padding[4]
+    if cache_x is not None and front > 0:
+        x = torch.cat([cache_x.to(x.device), x], dim=2)
+        front -= cache_x.shape[2]
+    if front > 0:
+        x = F.pad(x, (0, 0, 0, 0, front, 0))
+    bias = None if getattr(self, "bias_elsewhere", False) else self.bias
+    return F.conv3d(x, self.weight, bias, self.stride, (0, self._padding[2], self._padding[0]), self.dilation,
+                    self.groups)
+
+
+def pad_inside_convolutions(model: torch.nn.Module) -> int:
+    """diffusers internals: every `WanCausalConv3d` (its `_padding` = (w, w, h, h, 2t, 0)) gets
+    `_causal_conv_padding_inside` as its forward. Returns how many."""
+    convs = [m for m in model.modules() if type(m).__name__ == "WanCausalConv3d"
+             and len(getattr(m, "_padding", ())) == 6 and tuple(m.padding) == (0, 0, 0)]
+    for conv in convs:
+        conv.forward = types.MethodType(_causal_conv_padding_inside, conv)
+    return len(convs)
+
+
+def upsample_in_own_dtype(model: torch.nn.Module) -> int:
+    """diffusers internals: `WanUpsample` upsamples a float32 copy and casts back; nearest-neighbour upsampling only
+    copies values, so doing it in the tensor's own dtype gives the same result without the two extra passes."""
+    ups = [m for m in model.modules() if type(m).__name__ == "WanUpsample" and isinstance(m, torch.nn.Upsample)
+           and m.mode.startswith("nearest")]
+    for up in ups:
+        up.forward = types.MethodType(torch.nn.Upsample.forward, up)
+    return len(ups)
+
+
+def decode_in_steps(model, z: torch.Tensor, frames_per_step: int) -> torch.Tensor:
+    """diffusers internals: `AutoencoderKLWan._decode` (untiled) with `frames_per_step` latent frames per decoder
+    call after the first frame, which is always alone (its temporal upsampling differs). Not clamped."""
+    model.clear_cache()
+    x = model.post_quant_conv(z)
+    frames = x.shape[2]
+    outs = []
+    for start in [0, *range(1, frames, frames_per_step)]:
+        stop = 1 if start == 0 else min(start + frames_per_step, frames)
+        model._conv_idx = [0]
+        outs.append(model.decoder(x[:, :, start:stop], feat_cache=model._feat_map, feat_idx=model._conv_idx,
+                                  first_chunk=start == 0))
+    model.clear_cache()
+    return torch.cat(outs, dim=2)
+
+
+def encode_in_steps(model, video: torch.Tensor, frames_per_step: int) -> torch.Tensor:
+    """diffusers internals: `AutoencoderKLWan._encode` (untiled) with 4 * `frames_per_step` video frames per encoder
+    call after the first frame; returns the latent mean (`latent_dist.mode()`)."""
+    model.clear_cache()
+    frames = video.shape[2]
+    step = 4 * frames_per_step
+    outs = []
+    for start in [0, *range(1, frames, step)]:
+        stop = 1 if start == 0 else min(start + step, frames)
+        model._enc_conv_idx = [0]
+        outs.append(model.encoder(video[:, :, start:stop], feat_cache=model._enc_feat_map,
+                                  feat_idx=model._enc_conv_idx))
+    h = model.quant_conv(torch.cat(outs, dim=2))
+    model.clear_cache()
+    return h[:, : h.shape[1] // 2]
+
+
 class WanVae(checkpoint_io.ModelWrapper):
     """Normalised-latent Wan2.1 VAE (the reference `WanVAE` wrapper semantics) on diffusers' `AutoencoderKLWan`."""
 
@@ -137,6 +257,7 @@ class WanVae(checkpoint_io.ModelWrapper):
         super().__init__(model)
         self.mean = torch.tensor(mean, dtype=torch.float32)
         self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32)  # reference scale = [mean, 1/std] in float32
+        self.frames_per_step = 1  # latent frames per causal decoder/encoder call (1 = diffusers' own loop)
 
     def enable_tiling(self, tile_size: int = 256, stride: int = 192) -> None:
         """Spatial tiling for low memory (pixel tile/stride; blending makes it close to, not equal to, untiled)."""
@@ -150,6 +271,17 @@ class WanVae(checkpoint_io.ModelWrapper):
             if isinstance(module, torch.nn.Conv3d):
                 module.weight.data = module.weight.data.to(memory_format=torch.channels_last_3d)
 
+    def use_fused_kernels(self, frames_per_step: int = 1) -> None:
+        """The fused norm + SiLU, convolution-side spatial padding and `frames_per_step` latent frames per causal
+        step (module docstring); the outputs equal the unfused ones within the dtype's rounding."""
+        pad_inside_convolutions(self.model)  # before fuse_norm_silu, which moves conv1's bias into norm2
+        fuse_norm_silu(self.model)
+        upsample_in_own_dtype(self.model)
+        self.frames_per_step = max(1, int(frames_per_step))
+
+    def _stepped(self) -> bool:
+        return self.frames_per_step > 1 and not self.model.use_tiling
+
     def disable_tiling(self) -> None:
         self.model.disable_tiling()
 
@@ -162,7 +294,11 @@ class WanVae(checkpoint_io.ModelWrapper):
         """[1,3,F,H,W] in [-1,1] (F = 1+4k, H/W multiples of 8) -> float32 [1,16,1+(F-1)/4,H/8,W/8]."""
         if video.ndim != 5 or video.shape[1] != 3 or (video.shape[2] - 1) % 4 or video.shape[3] % 8 or video.shape[4] % 8:
             raise InputError(f"VAE input must be [B,3,1+4k,H,W] with H and W multiples of 8; got {tuple(video.shape)}")
-        mu = self.model.encode(video.to(self.device, self.dtype)).latent_dist.mode().float()
+        video = video.to(self.device, self.dtype)
+        if self._stepped():
+            mu = encode_in_steps(self.model, video, self.frames_per_step).float()
+        else:
+            mu = self.model.encode(video).latent_dist.mode().float()
         mean, inv_std = self._stats(mu)
         return (mu - mean) * inv_std
 
@@ -173,7 +309,10 @@ class WanVae(checkpoint_io.ModelWrapper):
             raise InputError(f"VAE latent must be [B,{self.mean.numel()},T,h,w]; got {tuple(latent.shape)}")
         mean, inv_std = self._stats(latent)
         z = latent.float().to(self.device) / inv_std.to(self.device) + mean.to(self.device)
-        video = self.model.decode(z.to(self.dtype)).sample.float()
+        if self._stepped():
+            video = decode_in_steps(self.model, z.to(self.dtype), self.frames_per_step).float()
+        else:
+            video = self.model.decode(z.to(self.dtype)).sample.float()
         return video.clamp(-1.0, 1.0)
 
 
@@ -202,6 +341,7 @@ def load_vae(path: str | Path, geometry: Geometry, device="cpu", dtype: torch.dt
     vae = WanVae(model)
     if torch.device(device).type == "cuda":
         vae.use_channels_last()
+        vae.use_fused_kernels()
     if tiling:
         vae.enable_tiling()
     return vae
