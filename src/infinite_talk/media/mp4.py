@@ -33,7 +33,7 @@ from infinite_talk.errors import InputError, OptionError
 # sample rates the AAC encoder takes; a soundtrack at another rate is resampled to `soundtrack_rate(rate)`
 AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 X264_THREADS = 4
-FRAGMENT_S = 1.0  # media seconds per fragment of a growing mp4
+FRAGMENT_S = 0.5  # media seconds per fragment of a growing mp4
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 
