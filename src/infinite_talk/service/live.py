@@ -49,7 +49,8 @@ def segments(job_folder: Path) -> list[dict]:
             return out
         preview = folder / f"{k:05d}.png"
         out.append({"index": k, "frames": int(info["frames"]), "init_bytes": int(info["init_bytes"]), "size": size,
-                    "path": path, "preview": preview if preview.is_file() else None})
+                    "audio": bool(info.get("audio")), "path": path,
+                    "preview": preview if preview.is_file() else None})
         k += 1
 
 
@@ -140,5 +141,5 @@ class LiveWriter:
         Image.fromarray(np.asarray(frames[-1])).save(picture, format="PNG")
         os.replace(picture, self.folder / f"{k:05d}.png")
         meta = self.folder / f".{k:05d}.json.part"
-        meta.write_text(json.dumps({"frames": len(frames), "init_bytes": init_bytes(path)}))
+        meta.write_text(json.dumps({"frames": len(frames), "init_bytes": init_bytes(path), "audio": audio is not None}))
         os.replace(meta, self.folder / f"{k:05d}.json")
