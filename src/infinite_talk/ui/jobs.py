@@ -93,6 +93,10 @@ def job_panel(studio: Studio, job_id: str | None) -> JobPanel:
         if all(k in info for k in ("chunk", "chunks", "step", "steps", "passes", "elapsed_s", "eta_s")):
             panel.progress = C.progress_text(info)
         return panel
+    info = job.progress or {}
+    if job.state == "completed" and all(k in info for k in ("chunk", "chunks", "step", "steps", "passes",
+                                                            "elapsed_s", "eta_s")):
+        panel.progress = C.progress_text(info)  # the last report: what ran
     video, sidecar = studio.result_paths(job)
     panel.video = str(video) if video else None
     panel.sidecar = str(sidecar) if sidecar else None
