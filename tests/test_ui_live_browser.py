@@ -10,12 +10,14 @@ In CI (env CI set) a missing chromium or Playwright is a failure; elsewhere the 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from urllib.parse import urljoin
 from pathlib import Path
 
 import pytest
@@ -120,7 +122,7 @@ def test_reload_shows_the_running_job_and_its_live_video_plays_before_it_ends(se
             expect(page.locator("#load-status")).to_contain_text("Models loaded (tiny geometry on cpu")
             expect(page.locator("#run-status")).to_contain_text("Running… job ")
             expect(page.locator("#run-progress")).to_contain_text("chunk ")
-            expect(page.locator("#load-plan textarea")).to_contain_text("geometry: tiny")
+            expect(page.locator("#load-plan textarea")).to_have_value(re.compile("geometry: tiny"))
             second = _open(browser, server["url"])  # a second tab sees the same
             expect(second.locator("#run-status")).to_contain_text("Running… job ")
             expect(second.locator("#load-status")).to_contain_text("Models loaded")
@@ -143,7 +145,7 @@ def test_reload_shows_the_running_job_and_its_live_video_plays_before_it_ends(se
             history = page.locator("#history")
             expect(history).to_contain_text("cancelled · portrait.png, speech_5s.wav · 81 frames")
             sidecar = history.locator("a", has_text="sidecar").first.get_attribute("href")
-            assert page.request.get(sidecar).json()["status"] == "cancelled"
+            assert page.request.get(urljoin(server["url"], sidecar)).json()["status"] == "cancelled"
             assert "Traceback" not in page.inner_text("body")
         except Exception as err:
             tail = server["log"].read_text()[-3000:]
