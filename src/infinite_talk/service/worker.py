@@ -37,7 +37,7 @@ from .live import LiveWriter
 from .store import Job, JobStore, storage_fault, without_paths
 
 log = logging.getLogger(__name__)
-PROGRESS_EVERY_S = 0.5  # progress rows written at most this often (plus at each new chunk)
+PROGRESS_EVERY_S = 0.5  # progress rows written at most this often (plus at each new chunk and its last step)
 CANCEL_POLL_S = 0.25
 IDLE_POLL_S = 1.0  # also picks up jobs submitted by another process (a web UI on the same data folder)
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # storage retries: doubling from the first delay up to the last
@@ -245,7 +245,8 @@ class Worker(threading.Thread):
 
         def progress(info: dict) -> None:
             now = time.monotonic()
-            if info["chunk"] != last["chunk"] or now - last["t"] >= PROGRESS_EVERY_S:
+            final_step = info.get("step") == info.get("steps")  # a chunk's last step: the report pages end on
+            if info["chunk"] != last["chunk"] or final_step or now - last["t"] >= PROGRESS_EVERY_S:
                 last["t"], last["chunk"] = now, info["chunk"]
                 row = {k: round(v, 2) if isinstance(v, float) else v for k, v in info.items()}
                 self._best_effort(lambda: self.store.update(job.id, progress=row, patience_s=0))
