@@ -1,79 +1,27 @@
-"""The UI server's state: one GPU job at a time with queue positions, cancel, failures that leave the server
-working, and the run path on the tiny preset (cancel keeps the finished chunks)."""
+"""The UI server's state: generations are jobs of the job service's store, run by its worker (queue positions,
+cancel keeping the finished chunks, resume after a restart with a data folder); model loading waits for the GPU;
+what a (reloaded) page shows comes from the server."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 
-from infinite_talk.errors import CheckpointError, InfiniteTalkError, NotLoadedError
+from infinite_talk.errors import CheckpointError, NotLoadedError
 from infinite_talk.media.mp4 import probe_media
 from infinite_talk.options import GenerateOptions, LoadOptions
 from infinite_talk.plan.probe import simulated
+from infinite_talk.service import live as live_module
 from infinite_talk.ui import controls as C
-from infinite_talk.ui.session import BusyError, GpuQueue, Job, Studio, audio_frames
+from infinite_talk.ui import jobs as J
+from infinite_talk.ui.session import BusyError, Studio, audio_frames
 
 EXAMPLES = Path(__file__).parent / "data" / "examples"
-
-
-def _events(job: Job, until: str | None = None) -> list[tuple[str, object]]:
-    out = []
-    for kind, payload in job.iter_events(poll_s=0.05):
-        if kind == "tick":
-            continue
-        out.append((kind, payload))
-        if kind == until:
-            break
-    return out
-
-
-def test_jobs_take_turns_and_report_their_position():
-    gpu = GpuQueue()
-    release = threading.Event()
-    ran = []
-
-    def slow(job):
-        ran.append("first")
-        release.wait(10)
-        return "first done"
-
-    first = Job(slow).start(gpu)
-    second = Job(lambda job: ran.append("second") or "second done").start(gpu)
-    third = Job(lambda job: ran.append("third") or "third done").start(gpu)
-    assert _events(first, until="started")[-1] == ("started", None)
-    assert ("waiting", 1) in _events(second, until="waiting")
-    assert ("waiting", 2) in _events(third, until="waiting")
-    release.set()
-    assert _events(first)[-2:] == [("done", "first done"), ("end", None)]
-    assert ("done", "second done") in _events(second)
-    assert ("done", "third done") in _events(third)
-    assert ran == ["first", "second", "third"] and len(gpu) == 0
-
-
-def test_cancel_while_waiting_leaves_the_queue_and_a_failure_does_not_block_it():
-    gpu = GpuQueue()
-    release = threading.Event()
-
-    def boom(job):
-        release.wait(10)
-        raise RuntimeError("kernel exploded")
-
-    failing = Job(boom).start(gpu)
-    waiting = Job(lambda job: pytest.fail("a cancelled job must not run")).start(gpu)
-    later = Job(lambda job: "still serving").start(gpu)
-    assert ("waiting", 1) in _events(waiting, until="waiting")
-    waiting.cancel_requested.set()
-    kinds = _events(waiting)
-    assert kinds[-2][0] == "cancelled" and "while waiting for the GPU" in kinds[-2][1]
-    release.set()
-    failed = dict(_events(failing))["failed"]
-    assert isinstance(failed, RuntimeError)
-    assert C.failure_text(failed).startswith("Internal error: RuntimeError: kernel exploded.")
-    assert ("done", "still serving") in _events(later)
 
 
 @pytest.fixture(scope="module")
@@ -101,63 +49,133 @@ def one_chunk(tmp_path_factory):
     return _clip(tmp_path_factory.mktemp("audio"), 0.8)  # 20 frames: 1 chunk of 21
 
 
-def test_studio_refuses_to_run_before_models_load_and_one_job_per_page(studio):
+TINY = LoadOptions(preset="tiny", model_precision="fp32", vae_precision="fp32")
+
+
+def _request(audio, **extra) -> GenerateOptions:
+    return GenerateOptions(image=str(EXAMPLES / "portrait.png"), audio=str(audio), **{**SHORT, "steps": 2, **extra})
+
+
+def _until(studio: Studio, job_id: str, states=("completed", "failed", "cancelled"), timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while (job := studio.store.get(job_id)).state not in states:
+        assert time.monotonic() < deadline, f"job still {job.state}"
+        time.sleep(0.05)
+    return job
+
+
+def test_studio_refuses_to_run_before_models_load(studio, one_chunk):
     with pytest.raises(NotLoadedError, match="press 'Load models'"):
         studio.require_models()
+    with pytest.raises(NotLoadedError):
+        studio.submit(_request(one_chunk))
     assert "known once models are loaded" in studio.memory_text()
-    release = threading.Event()
-    job = studio.submit("page-1", lambda job: release.wait(10))
-    with pytest.raises(BusyError, match="already has a job"):
-        studio.submit("page-1", lambda job: None)
-    assert studio.cancel("page-2").startswith("Nothing to cancel")
-    release.set()
-    _events(job)
+    assert J.load_texts(studio) == ("No models loaded yet.", "")
+    assert studio.cancel(None).startswith("Nothing to cancel")
+    assert studio.temporary and studio.runs_jobs and studio.store.list() == []
 
 
 def test_refused_load_option_fails_before_the_models_are_touched(studio):
     with pytest.raises(Exception, match="attention=flash_attn_3: needs a Hopper GPU"):
-        studio.load(LoadOptions(preset="tiny", attention="flash_attn_3"), say=lambda m: None)
+        studio.start_load(LoadOptions(preset="tiny", attention="flash_attn_3"))
+    assert studio.loading.state == "idle"
 
 
-def test_cancel_stops_at_the_next_step_and_keeps_the_finished_chunk(studio, two_chunks):
-    studio.load(LoadOptions(preset="tiny", model_precision="fp32", vae_precision="fp32"), say=lambda m: None)
-    assert studio.loaded and "MiB on cpu" in studio.memory_text()
-    out = studio.new_output_path()
-    request = GenerateOptions(image=str(EXAMPLES / "portrait.png"), audio=str(two_chunks), steps=3, seed=5,
-                              out=str(out), **SHORT)
+def test_loading_waits_for_the_gpu_and_every_page_sees_the_models(studio):
+    with studio.worker.gpu:  # a job holds the GPU: the load waits its turn
+        studio.start_load(TINY)
+        assert studio.loading.state == "waiting"
+        assert J.load_texts(studio)[0].startswith("**Waiting for the GPU:**")
+        with pytest.raises(BusyError, match="being loaded already"):
+            studio.start_load(TINY)
+        assert not studio.loaded
+    deadline = time.monotonic() + 300
+    while studio.loading.state in ("waiting", "loading"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert studio.loading.state == "loaded" and studio.loaded and "MiB on cpu" in studio.memory_text()
+    text, plan = J.load_texts(studio)  # what a reloaded page or a second tab shows
+    assert text == "**Models loaded** (tiny geometry on cpu)." and "geometry: tiny" in plan
+
+
+def test_jobs_queue_with_positions_and_a_waiting_job_cancels_at_once(studio, one_chunk):
+    assert studio.loaded  # the test above
+    with studio.worker.gpu:  # the worker cannot take a job: all three wait, in submission order
+        first, second, third = (studio.submit(_request(one_chunk, seed=s)) for s in (1, 2, 3))
+        assert J.job_panel(studio, first.id).status == "Starting…"
+        assert J.job_panel(studio, second.id).status.startswith(
+            "**Waiting for the GPU:** position 2 in the queue (1 job ahead; one runs at a time).")
+        assert "position 3 in the queue (2 jobs ahead" in J.job_panel(studio, third.id).status
+        assert studio.active_job().id == first.id  # what a page opened now shows
+        assert studio.cancel(second.id) == "Cancelled: the job left the queue; nothing was generated."
+        assert "position 2 in the queue" in J.job_panel(studio, third.id).status
+    ends = [_until(studio, job.id) for job in (first, third)]
+    assert [j.state for j in ends] == ["completed", "completed"] and ends[0].started_at <= ends[1].started_at
+    assert studio.store.get(second.id).state == "cancelled" and studio.store.get(second.id).runs == 0
+    panel = J.job_panel(studio, first.id)
+    assert panel.status.startswith("**Done:** 20 frames, 0.80 s, seed 1, ") and not panel.active
+    assert probe_media(panel.video).frames == 20 and Path(panel.video).parent.parent == studio.output_dir
+    assert json.loads(Path(panel.sidecar).read_text())["seed"] == 1
+    assert [label for _, label in panel.previews] == ["chunk 1/1"]
+    assert json.loads(panel.live)["ended"] is True and len(json.loads(panel.live)["segments"]) == 1
+    assert studio.calibration["s_per_call"] > 0  # a finished run calibrates the time estimate
+    assert "cancelled · portrait.png" in J.history_text(studio)
+    assert studio.cancel(first.id) == "Nothing to cancel: the generation has already finished."
+
+
+def test_cancel_stops_at_the_next_step_and_keeps_the_finished_chunk(studio, two_chunks, monkeypatch):
+    job_id = {}
+    original = live_module.LiveWriter.on_chunk
+
+    def on_chunk(self, k, frames, frames_before):  # as the Cancel button does, after the first chunk
+        original(self, k, frames, frames_before)
+        job_id["message"] = studio.cancel(job_id["id"])
+
+    monkeypatch.setattr(live_module.LiveWriter, "on_chunk", on_chunk)
+    request = _request(two_chunks, steps=3, seed=5)
     assert audio_frames(request) == 30
-    chunks = []
-
-    def work(job):
-        def on_chunk(k, frames):
-            chunks.append((k, frames.shape))
-            studio.cancel("page-cancel")  # as the Cancel button does, after the first chunk
-        return studio.run_generation(request, progress=lambda info: job.emit("progress", info), on_chunk=on_chunk,
-                                     should_stop=job.should_stop)
-
-    job = studio.submit("page-cancel", work)
-    events = _events(job)
-    cancelled = [p for k, p in events if k == "cancelled"]
-    assert cancelled and "cancelled at chunk 2/2, step 1/3" in cancelled[0]
-    steps_seen = [(p["chunk"], p["step"]) for k, p in events if k == "progress"]
-    assert steps_seen == [(1, 1), (1, 2), (1, 3)]
-    assert [k for k, _ in chunks] == [0] and chunks[0][1][0] == 21
-    assert probe_media(out).frames == 21
-    sidecar = json.loads(out.with_suffix(".json").read_text())
-    assert sidecar["status"] == "cancelled" and sidecar["output"]["chunks_done"] == 1
-    assert studio.calibration is None  # a cancelled run does not calibrate the estimate
+    with studio.worker.gpu:
+        job_id["id"] = studio.submit(request).id
+    job = _until(studio, job_id["id"])
+    assert job_id["message"] == "Cancelling: the run stops before the next step; finished chunks are kept."
+    assert job.state == "cancelled" and "cancelled at chunk 2/2, step 1/3" in job.error
+    panel = J.job_panel(studio, job.id)
+    assert panel.status.startswith("**Cancelled.** cancelled at chunk 2/2")
+    assert f"the 21 finished frames are kept in {panel.video}" in panel.status
+    assert probe_media(panel.video).frames == 21
+    assert json.loads(Path(panel.sidecar).read_text())["output"]["chunks_done"] == 1
 
 
-def test_a_full_run_calibrates_the_time_estimate(studio, one_chunk):
-    request = GenerateOptions(image=str(EXAMPLES / "portrait.png"), audio=str(one_chunk), steps=2,
-                              out=str(studio.new_output_path()), **SHORT)
-    result = studio.run_generation(request)
-    assert result.frames == 20 and result.seed == result.sidecar["seed"]
-    cal = studio.calibration
-    assert cal["size"] == 480 and cal["s_per_call"] > 0 and cal["s_per_chunk"] > 0
-    plan = studio.pipeline.plan_request(request, audio_frames(request))
-    expected = plan["model_calls"] * cal["s_per_call"] + 1 * cal["s_per_chunk"]
-    assert C.time_estimate(plan, cal).startswith(f"≈ {expected:.0f} s")
+def test_a_job_resumes_after_a_restart_with_a_data_dir(cache, studio, two_chunks, tmp_path, monkeypatch):
+    """`infinite-talk ui --data-dir DIR`: a UI process that dies mid-job leaves the job in DIR; the next start
+    takes it back and, once models are loaded, resumes it from its last finished chunk."""
+    first = Studio(output_dir=tmp_path / "outputs", data_dir=tmp_path / "data", caps=studio.caps)
+    first.load(TINY, say=lambda m: None)
+
+    class Died(BaseException):  # the process dies after chunk 1 (nothing of the worker runs after this)
+        pass
+
+    def die(self, k, frames, frames_before):
+        raise Died()
+
+    monkeypatch.setattr(live_module.LiveWriter, "on_chunk", die)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the dying worker thread's report
+    job = first.submit(_request(two_chunks, seed=9))
+    first.worker.join(300)
+    assert not first.worker.is_alive() and first.store.get(job.id).state == "running"
+    first.close()
+    monkeypatch.undo()
+
+    restarted = Studio(output_dir=tmp_path / "outputs", data_dir=tmp_path / "data", caps=studio.caps)
+    assert restarted.recovered["requeued"] == [job.id] and restarted.runs_jobs and not restarted.temporary
+    assert J.job_panel(restarted, job.id).status.startswith("**Waiting for models:**")
+    restarted.load(TINY, say=lambda m: None)
+    done = _until(restarted, job.id)
+    assert (done.state, done.runs, done.resumed_from_chunk, done.frames) == ("completed", 2, 1, 30)
+    video = J.job_panel(restarted, job.id).video
+    assert probe_media(video).frames == 30
+    restarted.close()
+    assert (tmp_path / "data" / "jobs" / job.id).is_dir()  # a given data folder is kept
 
 
 def test_choice_status_with_the_real_probe_never_offers_a_refused_value_as_available(studio):
@@ -192,35 +210,3 @@ def test_models_folder_files_are_offered_per_component_and_a_wrong_file_is_a_mes
     with pytest.raises(CheckpointError, match="head.modulation has shape .* expected"):  # tiny files, 14B folder
         folder.load(options, say=lambda m: None)
     assert not folder.loaded
-
-
-def test_with_a_data_dir_runs_go_through_the_job_service_queue(studio, tmp_path, one_chunk):
-    """`infinite-talk ui --data-dir DIR`: the page's run is a job in the service's SQLite queue, worked by the
-    service's worker (here in-process), and its mp4 + sidecar come back to the page's output folder."""
-    from infinite_talk.pipeline import InfiniteTalkPipeline
-    from infinite_talk.service.worker import Worker
-
-    queued = Studio(output_dir=tmp_path / "outputs", data_dir=tmp_path / "data", caps=studio.caps)
-    queued.require_models()  # no local models needed: the service holds them
-    request = GenerateOptions(image=str(EXAMPLES / "portrait.png"), audio=str(one_chunk), steps=2, text_scale=1,
-                              audio_scale=1, seed=7, max_seconds=0.6, out=str(tmp_path / "outputs" / "q.mp4"), **SHORT)
-    with pytest.raises(InfiniteTalkError, match="no `infinite-talk serve --data-dir .*` is running"):
-        queued.run_generation(request)  # nobody works the queue: refused, not a page waiting forever
-    assert queued.store.list() == []
-    queued.store.acquire_runner_lock()  # what `serve` does; its worker runs in this process here
-    service_models = InfiniteTalkPipeline()
-    service_models.load_models(LoadOptions(preset="tiny", model_precision="fp32", vae_precision="fp32"))
-    stop = threading.Event()
-    worker = Worker(queued.store, service_models, "worker-ui", stop)
-    worker.start()
-    seen = []
-    try:
-        result = queued.run_generation(request, progress=seen.append)
-    finally:
-        stop.set()
-        worker.join(20)
-    assert probe_media(result.video_path).frames == 15 and result.frames == 15 and result.seed == 7
-    assert result.sidecar["status"] == "completed" and result.sidecar["effective"]["steps"] == 2
-    assert result.sidecar_path.is_file()
-    (job,) = queued.store.list()
-    assert job.state == "completed" and job.frames == 15

@@ -7,11 +7,18 @@ interleaved as the frames arrive.
 Encoding is deterministic: the same frames (in any chunking) give the same bytes on any machine: x264 runs with a
 fixed thread count (its default is derived from the CPU count, and the thread count shapes the bitstream), and the
 container and encoders are bitexact (no library version strings, no wall-clock time).
+
+While it is written the mp4 is fragmented (an empty `moov`, then a `moof`+`mdat` fragment about every
+`FRAGMENT_S` of media), so a player can open it while it grows and a killed run leaves a readable file; `close()`
+then rewrites it (stream copy, no re-encoding) as a regular mp4 with one index, which replaces the growing file
+atomically. Fragment cuts follow the media time, not the chunking, so the bytes stay the same for any chunking.
+`write_segment` writes one self-contained fragmented mp4 (init + fragments) per finished chunk for live playback.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,6 +33,7 @@ from infinite_talk.errors import InputError, OptionError
 # sample rates the AAC encoder takes; a soundtrack at another rate is resampled to `soundtrack_rate(rate)`
 AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 X264_THREADS = 4
+FRAGMENT_S = 0.5  # media seconds per fragment of a growing mp4
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 
@@ -59,10 +67,12 @@ def _as_frames(chunk) -> np.ndarray:
 
 
 class Mp4Writer:
-    """Incremental writer: `append(frames)` any number of times, then `close()` (or use as a context manager)."""
+    """Incremental writer: `append(frames)` any number of times, then `close()` (or use as a context manager).
+
+    `keep_fragmented`: the closed file stays fragmented (live segments, which Media Source Extensions need so)."""
 
     def __init__(self, path: str | Path, fps: int = 25, audio: tuple[np.ndarray | torch.Tensor, int] | None = None,
-                 crf: int = 18, preset: str = "veryfast"):
+                 crf: int = 18, preset: str = "veryfast", keep_fragmented: bool = False):
         if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
             raise OptionError(f"option 'crf' must be a whole number 0–51 (lower = better; default 18), got {crf!r}")
         if preset not in PRESETS:
@@ -76,6 +86,7 @@ class Mp4Writer:
         self.fps = fps
         self.crf = crf
         self.preset = preset
+        self.keep_fragmented = keep_fragmented
         self.frames_written = 0
         self._audio = None
         if audio is not None:
@@ -101,7 +112,9 @@ class Mp4Writer:
         if height % 2 or width % 2:
             raise InputError(f"{self.path}: frames are {width}×{height}; H.264 yuv420p needs even width and height")
         try:
-            self._container = av.open(str(self.path), mode="w", format="mp4", options={"fflags": "+bitexact"})
+            self._container = av.open(str(self.path), mode="w", format="mp4", options={
+                "fflags": "+bitexact", "movflags": "empty_moov+default_base_moof+delay_moov", "flush_packets": "1",
+                "frag_duration": str(int(FRAGMENT_S * 1e6))})
         except (av.error.FFmpegError, OSError) as err:
             raise InputError(f"{self.path}: cannot create the output file ({err}); check the path and "
                              "permissions") from None
@@ -154,6 +167,8 @@ class Mp4Writer:
         self._write_audio_until(self.frames_written, final=True)
         self._container.close()
         self._container = None
+        if not self.keep_fragmented:
+            _rewrite_regular(self.path)
 
     def abort(self) -> None:
         if self._container is not None:
@@ -183,6 +198,39 @@ def write_mp4(path: str | Path, frames: np.ndarray | torch.Tensor | Iterable, fp
         for chunk in chunks:
             writer.append(chunk)
     return writer.path
+
+
+def _rewrite_regular(path: Path) -> None:
+    """The fragmented mp4 at `path` as a regular one (packets copied as they are), replacing it atomically; a
+    reader that opened the growing file keeps reading it."""
+    tmp = path.with_name(f".{path.name}.regular")
+    try:
+        with av.open(str(path)) as src, av.open(str(tmp), mode="w", format="mp4",
+                                                  options={"fflags": "+bitexact"}) as dst:
+            kept = [s for s in src.streams if s.type in ("video", "audio")]
+            copies = {s.index: dst.add_stream_from_template(s) for s in kept}
+            for packet in src.demux(*kept):
+                if packet.dts is None:  # the demuxer's end-of-stream marker
+                    continue
+                packet.stream = copies[packet.stream.index]
+                dst.mux(packet)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_segment(path: str | Path, frames, fps: int = 25,
+                  audio: tuple[np.ndarray | torch.Tensor, int] | None = None) -> Path:
+    """One self-contained fragmented mp4 (its own init section, then its fragments) of `frames` and the given audio
+    span, written under a temporary name and renamed into place, so a reader never sees half a segment."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part")
+    writer = Mp4Writer(tmp, fps=fps, audio=audio, keep_fragmented=True)
+    with writer:
+        writer.append(frames)
+    os.replace(tmp, path)
+    return path
 
 
 @dataclass(frozen=True)

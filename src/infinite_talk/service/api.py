@@ -1,7 +1,8 @@
 """The HTTP API (FastAPI; the OpenAPI schema is at /openapi.json, interactive docs at /docs).
 
 `POST /jobs` (multipart: reference, audio, optional audio2, options JSON), `GET /jobs`, `GET /jobs/{id}`,
-`GET /jobs/{id}/video`, `GET /jobs/{id}/sidecar`, `POST /jobs/{id}/cancel`, `DELETE /jobs/{id}`. With a token, every
+`GET /jobs/{id}/video`, `GET /jobs/{id}/sidecar`, `GET /jobs/{id}/live.m3u8` (HLS of the finished chunks, growing while
+the job runs; segments at `GET /jobs/{id}/live/{n}`, live.py), `POST /jobs/{id}/cancel`, `DELETE /jobs/{id}`. With a token, every
 /jobs route needs `Authorization: Bearer TOKEN`; without one, only loopback Host names are answered and state-changing
 requests from a page of another origin are refused (network.py says why). Every error is JSON
 `{"error": "what went wrong and what to do"}`, without the server's paths.
@@ -23,16 +24,19 @@ from typing import Literal
 import anyio
 import anyio.to_thread
 from fastapi import Depends, FastAPI, File, Form, Query, UploadFile
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import InfiniteTalkError
+from ..options import GenerateOptions
+from .live import playlist, segment
 from .network import STATE_CHANGING, loopback_host, same_loopback_origin
-from .store import Conflict, Job, JobStore, NotFound, storage_fault, without_paths
+from .store import FINAL_STATES, Conflict, Job, JobStore, NotFound, storage_fault, without_paths
 from .uploads import options_help
 from .worker import SIDECAR_NAME, VIDEO_NAME
 
@@ -298,6 +302,31 @@ def create_app(store: JobStore, token: str | None = None, workers: list | None =
             return public_sidecar(path.read_text(), job, store.folder(job_id))
 
         return await read(load)
+
+    @app.get("/jobs/{job_id}/live.m3u8", responses=ERRORS, dependencies=dependencies,
+             response_class=Response, summary="live playback (HLS): the finished chunks of a job, growing while it "
+             "runs; #EXT-X-ENDLIST once it has ended")
+    async def live_playlist(job_id: str):
+        def build() -> str:
+            job = store.get(job_id)
+            longest = job.options.get("frame_num") or GenerateOptions.__dataclass_fields__["frame_num"].default
+            return playlist(store.folder(job_id), job.state in FINAL_STATES, int(longest))
+
+        return Response(await read(build), media_type="application/vnd.apple.mpegurl",
+                        headers={"Cache-Control": "no-cache"})
+
+    @app.get("/jobs/{job_id}/live/{n}", response_class=FileResponse, responses=ERRORS, dependencies=dependencies,
+             summary="live playback: segment n (chunk n+1) as a self-contained fragmented mp4")
+    async def live_segment(job_id: str, n: int = PathParam(..., ge=0, le=99999)):
+        def find() -> Path:
+            job = store.get(job_id)
+            found = segment(store.folder(job_id), n)
+            if found is None:
+                raise NotFound(f"job {job_id} ({job.state}) has no finished chunk {n + 1} yet; the playlist "
+                               f"/jobs/{job_id}/live.m3u8 lists the finished ones")
+            return found
+
+        return FileResponse(await read(find), media_type="video/mp4", headers={"Cache-Control": "no-cache"})
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobView, responses=ERRORS, dependencies=dependencies,
               summary="cancel: a queued job at once, a running one at its next step (finished chunks are kept)")

@@ -389,6 +389,11 @@ class JobStore:
                               "use another --data-dir") from None
         self._lock_file = handle
 
+    def release_runner_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the file releases the lock
+            self._lock_file = None
+
     def runner_active(self) -> bool:
         """Whether a server holds this folder's runner lock (some process works the queue)."""
         with open(self.root / "server.lock", "a+") as handle:

@@ -33,10 +33,11 @@ from ..media.frames_hash import FramesHash, hashed
 from ..options import GenerateOptions
 from ..parallel.launch import PeerError
 from .checkpoint import JobCheckpoint
+from .live import LiveWriter
 from .store import Job, JobStore, storage_fault, without_paths
 
 log = logging.getLogger(__name__)
-PROGRESS_EVERY_S = 0.5  # progress rows written at most this often (plus at each new chunk)
+PROGRESS_EVERY_S = 0.5  # progress rows written at most this often (plus at each new chunk and its last step)
 CANCEL_POLL_S = 0.25
 IDLE_POLL_S = 1.0  # also picks up jobs submitted by another process (a web UI on the same data folder)
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # storage retries: doubling from the first delay up to the last
@@ -65,9 +66,16 @@ class StorageDown(Exception):
 
 class Worker(threading.Thread):
     def __init__(self, store: JobStore, pipeline, name: str, stop: threading.Event, on_broken=None,
-                 retry_first_s: float = RETRY_FIRST_S, retry_max_s: float = RETRY_MAX_S):
+                 retry_first_s: float = RETRY_FIRST_S, retry_max_s: float = RETRY_MAX_S,
+                 gpu: threading.Lock | None = None, ready=None, on_end=None):
+        """`gpu`: held while a job is claimed and run (the web UI takes it to load models between jobs, and sets
+        `pipeline` anew); `ready()`: whether jobs can be taken now (the UI's models are loaded); `on_end(job_id)`:
+        called after each job the worker ran, whatever its end."""
         super().__init__(name=name, daemon=True)
         self.store, self.pipeline, self.stop = store, pipeline, stop
+        self.gpu = gpu or threading.Lock()
+        self.ready = ready or (lambda: True)
+        self.on_end = on_end or (lambda job_id: None)
         self.current: str | None = None
         self.on_broken = on_broken or (lambda: None)
         self.broken: str | None = None  # torchrun: why the processes can run no more jobs together
@@ -103,18 +111,27 @@ class Worker(threading.Thread):
         while not self.stop.is_set() and self.broken is None:
             if self.storage_error and not self._retry(self.store.probe, "the data folder"):
                 continue
-            try:
-                job = self.store.claim_next(self.name, patience_s=0)
-            except Exception as err:
-                self._storage_failed(err, "cannot take the next job")
-                continue
-            self._storage_ok()
-            if job is None:
-                self.retries = 0
-                self.store.wait_for_work(IDLE_POLL_S)
-                self._keep_peers_alive()
-                continue
-            self.current = job.id
+            with self.gpu:
+                if self._turn():
+                    continue
+            self.retries = 0
+            self.store.wait_for_work(IDLE_POLL_S)
+            self._keep_peers_alive()
+
+    def _turn(self) -> bool:
+        """Claim and run the next job, holding the GPU; False when there is none (or the models are not ready)."""
+        if not self.ready():
+            return False
+        try:
+            job = self.store.claim_next(self.name, patience_s=0)
+        except Exception as err:
+            self._storage_failed(err, "cannot take the next job")
+            return True
+        self._storage_ok()
+        if job is None:
+            return False
+        self.current = job.id
+        try:
             try:
                 self.process(job)
             except ServiceStopping:
@@ -134,6 +151,9 @@ class Worker(threading.Thread):
                         self._fail_row, job.id, error))
             finally:
                 self.current = None
+        finally:
+            self.on_end(job.id)
+        return True
 
     # ------------------------------------------------------------------------------------------- storage
 
@@ -225,7 +245,8 @@ class Worker(threading.Thread):
 
         def progress(info: dict) -> None:
             now = time.monotonic()
-            if info["chunk"] != last["chunk"] or now - last["t"] >= PROGRESS_EVERY_S:
+            final_step = info.get("step") == info.get("steps")  # a chunk's last step: the report pages end on
+            if info["chunk"] != last["chunk"] or final_step or now - last["t"] >= PROGRESS_EVERY_S:
                 last["t"], last["chunk"] = now, info["chunk"]
                 row = {k: round(v, 2) if isinstance(v, float) else v for k, v in info.items()}
                 self._best_effort(lambda: self.store.update(job.id, progress=row, patience_s=0))
@@ -251,9 +272,16 @@ class Worker(threading.Thread):
             self._best_effort(lambda: self.store.update(job.id, chunks_done=state.next_chunk, seed=state.seed,
                                                         patience_s=0))
 
+        request = request_for(job, folder)
+        live = LiveWriter(folder, request)
+
+        def on_chunk_done(state, frames) -> None:
+            on_checkpoint(state, frames)
+            live.on_chunk(state.next_chunk - 1, frames, state.frames_written - len(frames))
+
         try:
-            result = self.pipeline.generate(request_for(job, folder), progress=progress, should_stop=should_stop,
-                                            on_checkpoint=on_checkpoint, resume=resume)
+            result = self.pipeline.generate(request, progress=progress, should_stop=should_stop,
+                                            on_checkpoint=on_chunk_done, resume=resume)
         except CancelledError as err:
             self._finish(job, folder, checkpoint, "cancelled", str(err))
         except Exception as err:

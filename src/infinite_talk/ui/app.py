@@ -1,15 +1,18 @@
 """The Gradio page and the `infinite-talk ui` command.
 
 Model panel → LoadOptions, generation panel → GenerateOptions (controls built from the schema, `controls.py`); both
-run through `Studio` (`session.py`): one GPU queue, one pipeline. Every failure becomes a message in the page; the
-traceback goes to the server log only.
+run through `Studio` (`session.py`): the job service's store and worker, one pipeline. A page watches the server's
+jobs on a timer (`jobs.py`, `live.py`), so a reload shows the running job and closing a page cancels nothing. Every
+failure becomes a message in the page; the traceback goes to the server log only.
 (No `from __future__ import annotations`: gradio reads the `gr.Request` annotations of the handlers.)
 """
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ from ..media.request_check import check_request
 from ..model_files import check_model_source
 from ..options import GenerateOptions, LoadOptions
 from . import controls as C
+from . import jobs as J
+from .live import live_player
 from .session import Studio, audio_frames
 
 MEDIA_FIELDS = ("image", "video", "audio", "audio2")
@@ -35,7 +40,6 @@ GENERATE_LAYOUT = {
     "chunking": ("frame_num", "motion_frames"),
 }
 log = logging.getLogger("infinite_talk.ui")
-MAX_JOBS = 16  # handlers that may wait in our GPU queue at once (beyond that, Gradio's own queue holds them)
 PLAN_QUEUE = {"concurrency_limit": 1, "concurrency_id": "request-plan"}  # plan-box updates: in order
 
 
@@ -207,6 +211,13 @@ def build_app(studio: Studio):
                     sidecar = gr.File(label="Sidecar JSON (requested vs effective options, timings)",
                                       interactive=False, elem_id="sidecar")
                     seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
+            # ---- the server's jobs (ui/jobs.py, ui/live.py): live video, history; the page watches one job --------
+            live_video = live_player(gr)
+            with gr.Accordion("Results of this server (newest first)", open=False):
+                history = gr.Markdown(J.history_text(studio), elem_id="history")
+            watched = gr.State(None)  # the job this page shows (it belongs to the server, not to the page)
+            shown = gr.State("")  # what the page shows now (redrawn only when it changes)
+            clock = gr.Timer(1.0)
 
         load_inputs = {source, *load_widgets.values()}
         gen_inputs = {task, *gen.values()}
@@ -258,7 +269,7 @@ def build_app(studio: Studio):
                 refresh_load_panel, load_inputs, [*choices.values(), load_check, availability],
                 show_progress="hidden", concurrency_limit=None)
 
-        def on_load(data, request: gr.Request):
+        def on_load(data):
             try:
                 options = read_load(data)
                 C.preflight(options, caps)
@@ -268,26 +279,20 @@ def build_app(studio: Studio):
                 yield {load_status: f"**Not loaded.** {refusal}", load_check: refusal}
                 return
             try:
-                job = studio.submit(request.session_hash,
-                                    lambda job: studio.load(options, say=lambda m: job.emit("message", m)),
-                                    cancellable=False)
+                studio.start_load(options)  # in the server: a closed page does not stop it, every page sees it
             except Exception as err:
                 yield {load_status: f"**Not loaded.** {_message(err)}"}
                 return
-            for kind, payload in job.iter_events():
-                if kind == "waiting":
-                    yield {load_status: _waiting_text(payload)}
-                elif kind == "started":
-                    yield {load_status: "Loading models…", load_plan: ""}
-                elif kind == "message":
-                    yield {load_status: f"Loading models… {payload}"}
-                elif kind == "done":
-                    yield {load_status: f"**Models loaded** ({payload.get('geometry')} geometry on "
-                                        f"{payload.get('device')}).",
-                           load_plan: C.load_plan_text(payload), load_check: C.load_check_text(options, caps)}
-                elif kind == "failed":
-                    text = C.failure_text(payload, load=options, statuses=studio.statuses(options))
-                    yield {load_status: f"**Loading failed.** {text} No models are loaded now."}
+            last = None
+            while True:
+                state = studio.loading
+                if state.version != last:
+                    last = state.version
+                    text, plan = J.load_texts(studio)
+                    yield {load_status: text, load_plan: plan, load_check: C.load_check_text(options, caps)}
+                if state.state not in ("waiting", "loading"):
+                    return
+                time.sleep(0.25)
 
         # ---- handlers: generation panel -------------------------------------------------------------------------
         def form_values(data) -> dict[str, Any]:
@@ -330,13 +335,11 @@ def build_app(studio: Studio):
                             show_progress="hidden", concurrency_limit=None)
         gen["video"].change(lambda path, t: check_reference(path, t)[1], [gen["video"], task], input_check,
                             show_progress="hidden", concurrency_limit=None)
-        load_btn.click(on_load, load_inputs, [load_status, load_plan, load_check], concurrency_limit=MAX_JOBS,
-                       concurrency_id="gpu-jobs", show_progress="minimal").then(
+        load_btn.click(on_load, load_inputs, [load_status, load_plan, load_check], concurrency_limit=None,
+                       show_progress="minimal").then(
             plan_box, gen_inputs, request_plan, show_progress="hidden", **PLAN_QUEUE)
 
-        def on_generate(data, request: gr.Request):
-            yield {run_status: "Checking the request…", run_progress: ""}
-            req = None
+        def on_generate(data):
             try:
                 studio.require_models()
                 req = C.request_from_form(data[task], form_values(data))
@@ -344,67 +347,42 @@ def build_app(studio: Studio):
                 reference_kind(req.image or req.video, data[task])
                 # every input and the output folder, before the run is queued (the same check as CLI and service)
                 check_request(dataclasses.replace(req, out=str(Path(studio.output_dir) / "talk.mp4")))
-                req = dataclasses.replace(req, out=str(studio.new_output_path()))  # a folder only for real runs
-                shown: list[tuple[str, str]] = []
-                total = {"chunks": None}
-
-                def save_preview(job, k: int, frames) -> None:
-                    from PIL import Image
-
-                    path = Path(req.out).with_name(f"chunk_{k + 1:03d}.png")
-                    Image.fromarray(frames[-1]).save(path)
-                    job.emit("chunk", (k, str(path)))
-
-                def work(job):
-                    return studio.run_generation(
-                        req, progress=lambda info: job.emit("progress", info),
-                        on_chunk=lambda k, frames: save_preview(job, k, frames), should_stop=job.should_stop)
-
-                job = studio.submit(request.session_hash, work)
+                job = studio.submit(req)  # a job of the server's queue, as `POST /jobs` makes it
             except Exception as err:
-                yield {run_status: f"**Not started.** {_message(err)}"}
-                return
-            finished = False
-            try:
-                for kind, payload in job.iter_events():
-                    if kind == "waiting":
-                        yield {run_status: _waiting_text(payload)}
-                    elif kind == "started":  # the previous result leaves the page only now (it stays on disk)
-                        yield {run_status: f"Running… output folder: {Path(req.out).parent}", previews: [],
-                               result_video: None, sidecar: None, seed_used: ""}
-                    elif kind == "progress":
-                        total["chunks"] = payload["chunks"]
-                        yield {run_progress: C.progress_text(payload)}
-                    elif kind == "chunk":
-                        k, path = payload
-                        shown.append((path, f"chunk {k + 1}/{total['chunks'] or '?'}"))
-                        yield {previews: list(shown)}
-                    elif kind == "done":
-                        eff = payload.sidecar["effective"]
-                        yield {run_status: f"**Done:** {payload.frames} frames, {payload.duration_s:.2f} s, seed "
-                                           f"{payload.seed}, {eff['scheduler']} {eff['steps']} steps × "
-                                           f"{eff['passes_per_step']} passes. Saved as {payload.video_path}",
-                               result_video: str(payload.video_path), sidecar: str(payload.sidecar_path),
-                               seed_used: str(payload.seed)}
-                    elif kind in ("cancelled", "failed"):
-                        loaded = studio.pipeline.load_options or LoadOptions()
-                        text = payload if kind == "cancelled" else C.failure_text(
-                            payload, req, loaded, studio.statuses(loaded))
-                        yield {run_status: f"**{'Cancelled' if kind == 'cancelled' else 'Failed'}.** {text}",
-                               **_partial(req, result_video, sidecar, seed_used)}
-                finished = True
-            finally:
-                if not finished:  # the page went away: stop at the next step, keep what is finished
-                    job.cancel_requested.set()
+                return {run_status: f"**Not started.** {_message(err)}", run_progress: ""}
+            return {watched: job.id, run_status: "Queued…", run_progress: ""}
 
-        run_btn.click(on_generate, gen_inputs, [run_status, run_progress, previews, result_video, sidecar, seed_used],
-                      concurrency_limit=MAX_JOBS, concurrency_id="gpu-jobs", show_progress="minimal").then(
+        def redraw(job_id, last):
+            """The watched job (or, when none, the server's running one) as it is in the store now."""
+            if job_id is None:
+                active = studio.active_job()
+                job_id = active.id if active is not None else None
+            panel = J.job_panel(studio, job_id)
+            load_text, plan_text = J.load_texts(studio)
+            now = json.dumps([panel.signature(), load_text, J.history_text(studio)])
+            if now == last:
+                return {watched: job_id}
+            return {watched: job_id, shown: now, run_status: panel.status, run_progress: panel.progress,
+                    previews: panel.previews, live_video: panel.live, result_video: panel.video,
+                    sidecar: panel.sidecar, seed_used: panel.seed, load_status: load_text, load_plan: plan_text,
+                    history: J.history_text(studio)}
+
+        page = [run_status, run_progress, previews, live_video, result_video, sidecar, seed_used, load_status,
+                load_plan, history, watched, shown]
+        run_btn.click(on_generate, gen_inputs, [run_status, run_progress, watched], concurrency_limit=None,
+                      show_progress="minimal").then(
+            redraw, [watched, shown], page, show_progress="hidden", concurrency_limit=None).then(
             plan_box, gen_inputs, request_plan, show_progress="hidden", **PLAN_QUEUE)
+        clock.tick(redraw, [watched, shown], page, show_progress="hidden", concurrency_limit=None)
+        demo.load(redraw, [watched, shown], page, show_progress="hidden", concurrency_limit=None)
 
-        def on_cancel(request: gr.Request):
-            return f"**{studio.cancel(request.session_hash)}**"
+        def on_cancel(job_id):  # the only thing that cancels a job
+            try:
+                return f"**{studio.cancel(job_id)}**"
+            except Exception as err:
+                return f"**{_message(err)}**"
 
-        cancel_btn.click(on_cancel, None, run_progress, concurrency_limit=None, show_progress="hidden")
+        cancel_btn.click(on_cancel, watched, run_progress, concurrency_limit=None, show_progress="hidden")
     return demo
 
 
@@ -429,32 +407,6 @@ def reference_kind(path: str, task: str) -> None:
     read_image(path)
 
 
-def _waiting_text(ahead: int) -> str:
-    if ahead <= 0:
-        return "Starting…"
-    return (f"**Waiting for the GPU:** position {ahead + 1} in the queue ({ahead} job{'s' if ahead > 1 else ''} "
-            "ahead; one runs at a time).")
-
-
-def _partial(req: GenerateOptions | None, video, sidecar, seed_used) -> dict:
-    """What a cancelled or failed run left: the mp4 of the finished chunks and its sidecar."""
-    if req is None or not req.out:
-        return {}
-    out = {}
-    mp4, side = Path(req.out), Path(req.out).with_suffix(".json")
-    if mp4.is_file():
-        out[video] = str(mp4)
-    if side.is_file():
-        out[sidecar] = str(side)
-        try:
-            import json
-
-            out[seed_used] = str(json.loads(side.read_text()).get("seed", ""))
-        except (OSError, ValueError):
-            pass
-    return out
-
-
 def launch(studio: Studio, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     filter_library_noise()  # an entry point of its own when called from Python
     gr = _gradio()
@@ -464,7 +416,7 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int = 7860, block: boo
                               font_mono=["ui-monospace", "monospace"])  # local fonts: no font download
     try:
         demo.launch(server_name=host, server_port=port, share=False, show_error=True, ssr_mode=False,
-                    allowed_paths=[str(studio.output_dir)], theme=theme, prevent_thread_lock=not block,
+                    allowed_paths=[str(studio.output_dir), str(studio.store.root)], theme=theme, prevent_thread_lock=not block,
                     footer_links=["gradio", "settings"])
     except OSError as err:
         raise InfiniteTalkError(f"cannot serve on {host}:{port} ({err}); pass another --port") from err
@@ -479,9 +431,13 @@ def cmd_ui(ns: argparse.Namespace) -> int:
         check_model_source(given)
     studio = Studio(preset=given.preset, models_dir=given.models_dir, output_dir=ns.output_dir, data_dir=ns.data_dir)
     print(f"outputs go to {studio.output_dir}", flush=True)
-    if studio.store is not None:
-        print(f"generations go to the job queue in {studio.store.root} (run `infinite-talk serve --data-dir "
-              f"{ns.data_dir}` to work it)", flush=True)
+    if not studio.runs_jobs:
+        print(f"another server works the job queue in {studio.store.root}: generations are submitted to it (its "
+              "models are used)", flush=True)
+    elif not studio.temporary:
+        requeued = studio.recovered.get("requeued") or []
+        print(f"jobs are kept in {studio.store.root}" + (f"; {len(requeued)} interrupted job(s) resume once models "
+              "are loaded" if requeued else ""), flush=True)
     launch(studio, host=ns.host, port=ns.port)
     return 0
 
@@ -494,6 +450,7 @@ def add_cli(subparsers) -> None:
     ui.add_argument("--output-dir", default="outputs",
                     help="folder for the videos, sidecars and chunk previews (default ./outputs)")
     ui.add_argument("--data-dir", default=None,
-                    help="submit generations to the job service's queue in this folder (an `infinite-talk serve "
-                         "--data-dir DIR` process runs them; its models are used, previews are not shown)")
+                    help="keep the job queue in this folder (as `infinite-talk serve --data-dir DIR` does): jobs "
+                         "survive a restart and resume; when a serve process already works that folder, generations "
+                         "are submitted to it (default: a temporary folder, removed at exit)")
     ui.set_defaults(func=cmd_ui)

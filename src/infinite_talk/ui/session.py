@@ -1,142 +1,64 @@
-"""What the UI server holds: one pipeline, a first-come queue for the GPU, and one job per browser page.
+"""What the UI server holds: one pipeline, the job service's queue (store + worker) and the model-loading state.
 
-A GPU runs one thing at a time (loading models or generating): every job takes a ticket in `GpuQueue` and waits for
-its turn, reporting how many jobs are ahead of it. A job runs in its own thread and reports through an event queue
-that the page's handler turns into updates; cancelling sets a flag the pipeline checks before every step.
-`Studio.run_generation` is the one run path, so a job service can replace it later.
+Generations are jobs of `service/store.py` `JobStore`, run by `service/worker.py` `Worker` in this process, exactly
+as the job service runs them: queue positions, cancel, resume from the last chunk, previews and live segments
+(`service/live.py`) are the same in both. Without `--data-dir` the store lives in a temporary folder removed at exit;
+with one, jobs survive a restart of the UI and resume. When another server already works that folder (holds its
+runner lock) the UI only submits, and that server's worker runs the jobs. A job belongs to the server, not to a page:
+pages watch jobs, only Cancel cancels. The GPU does one thing at a time: a model load takes the worker's lock
+between jobs.
 """
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import functools
 import gc
 import itertools
+import json
 import logging
 import os
-import queue
-import secrets
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from ..errors import CancelledError, InfiniteTalkError, NotLoadedError
+from ..errors import InfiniteTalkError, NotLoadedError, OptionError
+from ..model_files import discover
 from ..options import GenerateOptions, LoadOptions
+from ..pipeline import InfiniteTalkPipeline
+from ..plan.probe import probe
+from ..service.store import FINAL_STATES, Job, JobStore
+from ..service.worker import SIDECAR_NAME, VIDEO_NAME, Worker
 from .controls import ChoiceStatus, choice_status, preflight
 
 log = logging.getLogger("infinite_talk.ui")
 
 
-class GpuQueue:
-    """First come, first served. The ticket at the head of the line holds the GPU."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._line: list[int] = []
-        self._numbers = itertools.count(1)
-
-    def join(self) -> int:
-        with self._cond:
-            ticket = next(self._numbers)
-            self._line.append(ticket)
-            return ticket
-
-    def ahead(self, ticket: int) -> int:
-        """Jobs in front of `ticket` (0: its turn)."""
-        with self._cond:
-            return self._line.index(ticket)
-
-    def wait_turn(self, ticket: int, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._line[0] == ticket, timeout)
-
-    def leave(self, ticket: int) -> None:
-        with self._cond:
-            if ticket in self._line:
-                self._line.remove(ticket)
-            self._cond.notify_all()
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._line)
-
-
-class Job:
-    """One unit of GPU work. Events: ("waiting", jobs_ahead), ("started", None), ("message", text),
-    ("progress", info), ("chunk", (index, preview_path)), ("done", result), ("cancelled", text),
-    ("failed", exception), then always ("end", None)."""
-
-    def __init__(self, work: Callable[[Job], Any], cancellable: bool = True):
-        self.work = work
-        self.cancellable = cancellable
-        self.events: queue.Queue = queue.Queue()
-        self.cancel_requested = threading.Event()
-        self.finished = threading.Event()
-        self.started = False
-
-    def emit(self, kind: str, payload: Any = None) -> None:
-        self.events.put((kind, payload))
-
-    def should_stop(self) -> bool:
-        return self.cancel_requested.is_set()
-
-    def start(self, gpu: GpuQueue) -> Job:
-        ticket = gpu.join()  # in the caller's thread, so the order of clicks is the order of the line
-        threading.Thread(target=self._run, args=(gpu, ticket), daemon=True, name="infinite-talk-job").start()
-        return self
-
-    def _run(self, gpu: GpuQueue, ticket: int) -> None:
-        try:
-            last = None
-            while not gpu.wait_turn(ticket, 0.25):
-                if self.cancel_requested.is_set():
-                    self.emit("cancelled", "cancelled while waiting for the GPU; nothing was generated")
-                    return
-                ahead = gpu.ahead(ticket)
-                if ahead != last:
-                    self.emit("waiting", ahead)
-                    last = ahead
-            self.started = True
-            self.emit("started")
-            self.emit("done", self.work(self))
-        except CancelledError as err:
-            self.emit("cancelled", str(err))
-        except BaseException as err:  # reported in the page; the server keeps running
-            if not isinstance(err, InfiniteTalkError):  # a user-fixable error needs no traceback in the log
-                log.error("job failed", exc_info=err)
-            self.emit("failed", err)
-        finally:
-            gpu.leave(ticket)
-            self.finished.set()
-            self.emit("end")
-
-    def iter_events(self, poll_s: float = 0.5):
-        """Events until ("end", None); yields ("tick", None) when nothing happened for `poll_s`."""
-        while True:
-            try:
-                kind, payload = self.events.get(timeout=poll_s)
-            except queue.Empty:
-                yield "tick", None
-                continue
-            yield kind, payload
-            if kind == "end":
-                return
-
-
 class BusyError(InfiniteTalkError):
-    """This page already has a job running or waiting."""
+    """Models are being loaded already."""
+
+
+@dataclasses.dataclass
+class LoadState:
+    """The server's model state, as every page shows it: idle | waiting | loading | loaded | failed."""
+
+    state: str = "idle"
+    message: str = ""
+    plan: dict | None = None
+    options: LoadOptions | None = None
+    error: BaseException | None = None
+    version: int = 0  # bumped at every change (pages redraw only then)
 
 
 class Studio:
-    """The server's state: the capability probe, the model files found, the pipeline and the jobs."""
+    """The server's state: the capability probe, the model files found, the pipeline, the job store and worker."""
 
     def __init__(self, preset: str | None = None, models_dir: str | None = None, output_dir: str | Path = "outputs",
-                 caps=None, data_dir: str | Path | None = None):
-        from ..model_files import discover
-        from ..pipeline import InfiniteTalkPipeline
-        from ..plan.probe import probe
-
+                 caps=None, data_dir: str | Path | None = None, run_jobs: bool = True):
         self.caps = caps if caps is not None else probe()
         self.preset = preset
         self.models_dir = str(Path(models_dir).resolve()) if models_dir else None
@@ -144,16 +66,37 @@ class Studio:
         self.output_dir = Path(output_dir).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.pipeline = InfiniteTalkPipeline()
-        self.gpu = GpuQueue()
         self.calibration: dict | None = None
         self.last_peak_gib: float | None = None
-        self._jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()
-        self.store = None  # with --data-dir: runs go to the job service's queue in that folder
-        if data_dir is not None:
-            from ..service.store import JobStore
+        self.loading = LoadState()
+        self._load_lock = threading.Lock()
+        self.temporary = data_dir is None
+        root = Path(tempfile.mkdtemp(prefix="infinite-talk-ui-")) if data_dir is None else Path(data_dir)
+        self.store = JobStore(root)
+        self.recovered: dict = {}
+        self.runs_jobs = False  # False: another server works this data folder; the UI only submits
+        try:
+            self.store.acquire_runner_lock()
+            self.runs_jobs = True
+        except OptionError:
+            log.info("another server works the queue in %s: generations are submitted to it", self.store.root)
+        self.stop = threading.Event()
+        self.worker = Worker(self.store, self.pipeline, "ui-worker", self.stop, ready=lambda: self.loaded,
+                             on_end=self._job_ended)
+        if self.runs_jobs:
+            self.recovered = self.store.recover_at_start()
+            if run_jobs:
+                self.worker.start()
+        atexit.register(self.close)
 
-            self.store = JobStore(data_dir)
+    def close(self) -> None:
+        """Stop taking jobs; a temporary data folder goes (results were copied to the output folder)."""
+        self.stop.set()
+        self.store.wake()
+        self.store.release_runner_lock()
+        if self.temporary:
+            self.store.close()
+            shutil.rmtree(self.store.root, ignore_errors=True)
 
     # ---- state ----------------------------------------------------------------------------------------------------
     @property
@@ -163,7 +106,7 @@ class Studio:
                                                         "audio_encoder"))
 
     def require_models(self) -> None:
-        if self.store is not None:  # the service process that runs the queue holds the models
+        if not self.runs_jobs:  # the server that works the queue holds the models
             return
         if not self.loaded:
             raise NotLoadedError("No models are loaded: press 'Load models' in the model panel first")
@@ -171,45 +114,53 @@ class Studio:
     def statuses(self, options: LoadOptions) -> dict[str, list[ChoiceStatus]]:
         return choice_status(options, self.caps)
 
-    # ---- jobs -----------------------------------------------------------------------------------------------------
-    def submit(self, key: str, work: Callable[[Job], Any], cancellable: bool = True) -> Job:
-        with self._lock:
-            old = self._jobs.get(key)
-            if old is not None and not old.finished.is_set():
-                raise BusyError("this page already has a job running or waiting: wait for it or cancel it")
-            job = Job(work, cancellable)
-            self._jobs[key] = job
-        return job.start(self.gpu)
-
-    def cancel(self, key: str) -> str:
-        job = self._jobs.get(key)
-        if job is None or job.finished.is_set():
-            return "Nothing to cancel: no generation is running or waiting for this page."
-        if not job.cancellable:
-            return "Loading models cannot be stopped halfway; it finishes on its own."
-        job.cancel_requested.set()
-        if not job.started:
-            return "Cancelling: the job leaves the queue."
-        return "Cancelling: the run stops before the next step; finished chunks are kept."
-
-    def new_output_path(self) -> Path:
-        folder = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        folder.mkdir(parents=True)
-        return folder / "talk.mp4"
-
-    # ---- work on the GPU turn -------------------------------------------------------------------------------------
-    def load(self, options: LoadOptions, say: Callable[[str], None]) -> dict:
-        """Replace the loaded models (refused options fail here, before the old models are dropped)."""
+    # ---- models ---------------------------------------------------------------------------------------------------
+    def start_load(self, options: LoadOptions) -> None:
+        """Load in the background (refused options fail here, before the old models are dropped); every page
+        follows `loading`. The load waits for the running job's end: the GPU does one thing at a time."""
         preflight(options, self.caps)
-        if self.loaded:
-            say("unloading the previous models")
-        self._unload()
-        return self.pipeline.load_models(options, progress=say)
+        with self._load_lock:
+            if self.loading.state in ("waiting", "loading"):
+                raise BusyError("models are being loaded already; wait for that load to finish")
+            self._set_loading("waiting", "waiting for the running job to finish" if self.worker.current else "",
+                              options=options)
+        threading.Thread(target=self._load, args=(options,), daemon=True, name="infinite-talk-load").start()
+
+    def load(self, options: LoadOptions, say: Callable[[str], None], on_turn: Callable[[], None] | None = None
+             ) -> dict:
+        """Replace the loaded models now, in the caller's thread (after the running job; `on_turn` once the GPU
+        is this load's)."""
+        preflight(options, self.caps)
+        with self.worker.gpu:
+            if on_turn is not None:
+                on_turn()
+            if self.loaded:
+                say("unloading the previous models")
+            self._unload()
+            plan = self.pipeline.load_models(options, progress=say)
+            self.worker.pipeline = self.pipeline
+            self.store.wake()
+            return plan
+
+    def _load(self, options: LoadOptions) -> None:
+        try:
+            plan = self.load(options, say=lambda message: self._set_loading("loading", message),
+                             on_turn=lambda: self._set_loading("loading", ""))
+        except BaseException as err:  # shown in every page; the server keeps running
+            if not isinstance(err, InfiniteTalkError):
+                log.error("loading failed", exc_info=err)
+            self._set_loading("failed", "", error=err)
+        else:
+            self._set_loading("loaded", "", plan=plan)
+
+    def _set_loading(self, state: str, message: str, **fields) -> None:
+        keep = {} if state in ("waiting", "failed") else {"options": self.loading.options}
+        self.loading = LoadState(state, message, version=self.loading.version + 1,
+                                 **{**keep, **fields})
 
     def _unload(self) -> None:
-        from ..pipeline import InfiniteTalkPipeline
-
         self.pipeline = InfiniteTalkPipeline()  # the old one's tensors go with it (two 14B copies do not fit)
+        self.worker.pipeline = self.pipeline
         gc.collect()
         try:
             import torch
@@ -219,69 +170,96 @@ class Studio:
         except Exception:  # memory hygiene only
             pass
 
-    def run_generation(self, request: GenerateOptions, progress=None, on_chunk=None, should_stop=None):
-        """The one run path: this server's pipeline, or with `--data-dir` the job service's queue."""
-        if self.store is not None:
-            return self._run_via_queue(request, progress, should_stop)
-        import torch
-
-        cuda = self.pipeline.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.pipeline.device)
-        result = self.pipeline.generate(request, progress=progress, on_chunk=on_chunk, should_stop=should_stop)
-        if cuda:
-            self.last_peak_gib = torch.cuda.max_memory_allocated(self.pipeline.device) / 2**30
-        self._calibrate(request, result.sidecar)
-        return result
-
-    def _run_via_queue(self, request: GenerateOptions, progress=None, should_stop=None, poll_s: float = 0.3):
-        """Submit to the job service's queue (`infinite-talk serve --data-dir` runs it), follow the job, then copy
-        its mp4 and sidecar to `request.out`. Chunk previews are not available this way."""
-        import dataclasses
-        import json
-        import shutil
-
-        from ..pipeline import GenerateResult
-        from ..sampling.windows import FPS
-        from ..service.store import FINAL_STATES
-        from ..service.worker import SIDECAR_NAME, VIDEO_NAME
-
-        stopped = (f"no `infinite-talk serve --data-dir {self.store.root}` is running to work the queue; start one "
-                   "(submitted jobs wait for it)")
-        if not self.store.runner_active():  # refuse rather than wait on a queue nobody works
-            raise InfiniteTalkError(stopped)
+    # ---- jobs -----------------------------------------------------------------------------------------------------
+    def submit(self, request: GenerateOptions) -> Job:
+        """Queue a generation (inputs copied and checked by the store, as for an HTTP upload)."""
+        self.require_models()
+        if not self.runs_jobs and not self.store.runner_active():
+            raise InfiniteTalkError(f"no `infinite-talk serve --data-dir {self.store.root}` is running to work the "
+                                    "queue; start one (submitted jobs wait for it)")
         unset = {"image": None, "video": None, "audio": None, "audio2": None, "out": None}
-        job = self.store.submit(Path(request.image or request.video), Path(request.audio),
-                                Path(request.audio2) if request.audio2 else None,
-                                options=dataclasses.replace(request, **unset))
-        while job.state not in FINAL_STATES:
-            if should_stop is not None and should_stop() and not job.cancel_requested:
-                self.store.cancel(job.id)
-            if progress is not None and job.state == "running" and job.progress:
-                progress(job.progress)
-            time.sleep(poll_s)
-            job = self.store.get(job.id)
-            if job.state not in FINAL_STATES and not self.store.runner_active():
-                raise InfiniteTalkError(f"{stopped}; job {job.id} is kept and continues when it restarts")
-        folder, out = self.store.folder(job.id), Path(request.out)
-        for name, dest in ((VIDEO_NAME, out), (SIDECAR_NAME, out.with_suffix(".json"))):
-            if (folder / name).is_file():
-                shutil.copyfile(folder / name, dest)
-        if job.state == "cancelled":
-            raise CancelledError(f"cancelled; the {job.frames or 0} finished frames are in {out}")
-        if job.state == "failed":
-            raise InfiniteTalkError(f"the job service could not make this video: {job.error}")
-        sidecar = json.loads(out.with_suffix(".json").read_text())
-        return GenerateResult(out, out.with_suffix(".json"), job.frames, job.frames / FPS, job.seed, sidecar)
+        return self.store.submit(Path(request.image or request.video), Path(request.audio),
+                                 Path(request.audio2) if request.audio2 else None,
+                                 options=dataclasses.replace(request, **unset))
 
-    def _calibrate(self, request: GenerateOptions, sidecar: dict) -> None:
+    def cancel(self, job_id: str | None) -> str:
+        if not job_id:
+            return "Nothing to cancel: no generation is running or waiting."
+        job = self.store.get(job_id)
+        if job.state in FINAL_STATES:
+            return f"Nothing to cancel: the generation has already {_ended_word(job.state)}."
+        job = self.store.cancel(job_id)
+        if job.state == "cancelled":
+            return "Cancelled: the job left the queue; nothing was generated."
+        return "Cancelling: the run stops before the next step; finished chunks are kept."
+
+    def active_job(self) -> Job | None:
+        """The running job, else the first waiting one (what a freshly opened page shows)."""
+        running = self.store.list("running", limit=1)
+        if running:
+            return running[0]
+        queued = self.store.list("queued", limit=1)
+        return queued[0] if queued else None
+
+    def history(self, limit: int = 10) -> list[Job]:
+        """The last finished jobs of this server, newest first."""
+        done = [j for j in self.store.list(limit=1000) if j.state in FINAL_STATES]
+        return sorted(done, key=lambda j: j.finished_at or 0, reverse=True)[:limit]
+
+    def result_paths(self, job: Job) -> tuple[Path | None, Path | None]:
+        """The job's mp4 and sidecar in the output folder (copied there once it has ended)."""
+        if job.state not in FINAL_STATES:
+            return None, None
+        dest = self.export(job)
+        video, sidecar = dest / "talk.mp4", dest / "talk.json"
+        return (video if video.is_file() else None), (sidecar if sidecar.is_file() else None)
+
+    def export(self, job: Job) -> Path:
+        """Copy an ended job's mp4 and sidecar to `<output_dir>/<date-time>-<id>/` (once; idempotent)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(job.created_at))
+        dest = self.output_dir / f"{stamp}-{job.id[:8]}"
+        folder = self.store.folder(job.id)
+        for name, target in ((VIDEO_NAME, "talk.mp4"), (SIDECAR_NAME, "talk.json")):
+            source = folder / name
+            if source.is_file() and not (dest / target).is_file():
+                dest.mkdir(parents=True, exist_ok=True)
+                tmp = dest / f".{target}.part"
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, dest / target)
+        return dest
+
+    def _job_ended(self, job_id: str) -> None:
+        """After the worker ran a job: its results to the output folder, the time estimate calibrated."""
+        try:
+            job = self.store.get(job_id)
+            if job.state not in FINAL_STATES:  # back in the queue (storage fault, server stopping)
+                return
+            dest = self.export(job)
+            if job.state == "completed" and (dest / "talk.json").is_file():
+                self._calibrate(job.options.get("size") or GenerateOptions().size,
+                                json.loads((dest / "talk.json").read_text()))
+            self._record_peak()
+        except Exception as err:  # the job itself has ended as recorded; its files stay in the data folder
+            log.warning("job %s: results not copied to %s: %s", job_id, self.output_dir, err)
+
+    def _record_peak(self) -> None:
+        try:
+            import torch
+        except ImportError:
+            return
+        device = self.pipeline.device
+        if device is not None and getattr(device, "type", None) == "cuda":
+            self.last_peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def _calibrate(self, size: int, sidecar: dict) -> None:
         """Seconds per model call and per chunk of the last run, for the time estimate of the next request."""
         timings = sidecar.get("timings_s", {})
         calls = sidecar.get("effective", {}).get("model_calls") or 0
         chunks = sidecar.get("output", {}).get("chunks_done") or 0
         if calls and chunks and "denoise" in timings:
             self.calibration = {
-                "size": request.size,
+                "size": size,
                 "s_per_call": timings["denoise"] / calls,
                 "s_per_chunk": (timings.get("encode", 0.0) + timings.get("decode", 0.0)) / chunks,
             }
@@ -300,6 +278,10 @@ class Studio:
         if self.last_peak_gib is not None:
             text += f"; peak GPU memory of the last run: {_size(self.last_peak_gib * 2**30)}"
         return text
+
+
+def _ended_word(state: str) -> str:
+    return {"completed": "finished", "failed": "failed", "cancelled": "been cancelled"}[state]
 
 
 def _size(n: float) -> str:
