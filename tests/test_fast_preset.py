@@ -13,8 +13,8 @@ from infinite_talk.cli import main as cli_main
 from infinite_talk.errors import OptionError
 from infinite_talk.options import GenerateOptions, LoadOptions
 from infinite_talk.pipeline import InfiniteTalkPipeline
-from infinite_talk.plan.probe import simulated
 from infinite_talk.presets.fast import apply_mode, plan_lines
+from infinite_talk.testing.machines import simulated
 
 EXAMPLES = Path(__file__).parent / "data" / "examples"
 CPU, H100, A100 = simulated("cpu"), simulated("h100"), simulated("a100")

@@ -19,7 +19,7 @@ from infinite_talk.options import GenerateOptions, LoadOptions
 from infinite_talk.plan import memory
 from infinite_talk.plan.memory import GIB, MemoryModel, Setting, Shape, needed
 from infinite_talk.plan.planner import resolve
-from infinite_talk.plan.probe import simulated
+from infinite_talk.testing.machines import simulated
 
 EXAMPLES = __import__("pathlib").Path(__file__).parent / "data" / "examples"
 SHAPE_480 = Shape(480, 832, 81, 1)

@@ -28,8 +28,8 @@ from infinite_talk.models.quantize import quantize_transformer, weight_bytes
 from infinite_talk.models.transformer import InfiniteTalkTransformer
 from infinite_talk.options import LoadOptions
 from infinite_talk.plan.planner import resolve
-from infinite_talk.plan.probe import simulated
 from infinite_talk.presets.tiny_transformer import random_transformer_inputs
+from infinite_talk.testing.machines import simulated
 
 G6 = dataclasses.replace(GEOMETRY_TINY, dit=dataclasses.replace(GEOMETRY_TINY.dit, num_layers=6))
 

@@ -10,7 +10,7 @@ import pytest
 from infinite_talk.errors import InputError, NotLoadedError, OptionError
 from infinite_talk.options import GenerateOptions, LoadOptions
 from infinite_talk.pipeline import InfiniteTalkPipeline
-from infinite_talk.plan.probe import simulated
+from infinite_talk.testing.machines import simulated
 from infinite_talk.ui import app
 from infinite_talk.ui import controls as C
 

@@ -13,7 +13,7 @@ import soundfile as sf
 from infinite_talk.errors import CheckpointError, InfiniteTalkError, NotLoadedError
 from infinite_talk.media.mp4 import probe_media
 from infinite_talk.options import GenerateOptions, LoadOptions
-from infinite_talk.plan.probe import simulated
+from infinite_talk.testing.machines import simulated
 from infinite_talk.ui import controls as C
 from infinite_talk.ui.session import BusyError, GpuQueue, Job, Studio, audio_frames
 
