@@ -13,6 +13,7 @@ import soundfile as sf
 from infinite_talk.errors import CheckpointError, InfiniteTalkError, NotLoadedError
 from infinite_talk.media.mp4 import probe_media
 from infinite_talk.options import GenerateOptions, LoadOptions
+from infinite_talk.request_plan import plan_request
 from infinite_talk.testing.machines import simulated
 from infinite_talk.ui import controls as C
 from infinite_talk.ui.session import BusyError, GpuQueue, Job, Studio, audio_frames
@@ -155,7 +156,7 @@ def test_a_full_run_calibrates_the_time_estimate(studio, one_chunk):
     assert result.frames == 20 and result.seed == result.sidecar["seed"]
     cal = studio.calibration
     assert cal["size"] == 480 and cal["s_per_call"] > 0 and cal["s_per_chunk"] > 0
-    plan = studio.pipeline.plan_request(request, audio_frames(request))
+    plan = plan_request(request, audio_frames(request), studio.pipeline.load_options).as_dict()
     expected = plan["model_calls"] * cal["s_per_call"] + 1 * cal["s_per_chunk"]
     assert C.time_estimate(plan, cal).startswith(f"≈ {expected:.0f} s")
 

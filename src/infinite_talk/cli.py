@@ -100,10 +100,11 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             print("note: " + note, file=sys.stderr)
     from .pipeline import InfiniteTalkPipeline
     from .presets.fast import plan_lines as mode_lines
+    from .request_plan import plan_request
 
     pipe = InfiniteTalkPipeline()
     if ns.dry_run:
-        print(json.dumps({**pipe.plan_request(request), "mode_lines": mode_lines(load, request)}, indent=2))
+        print(json.dumps({**plan_request(request).as_dict(), "mode_lines": mode_lines(load, request)}, indent=2))
         return 0
     try:
         plan = pipe.load_models(load, progress=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import CancelledError, InputError, Interrupted, NotLoadedError, OptionError
+from .errors import CancelledError, InputError, Interrupted, NotLoadedError
 from .loading import load_planned_transformer, refuse_double_quantization, resolve_model_files
 from .media.audio import load_audio, load_audio_original, loudness_normalize
 from .media.color import ColorMatcher, color_correct
@@ -32,13 +32,11 @@ from .models.configs import Geometry
 from .options import GenerateOptions, LoadOptions, to_dict
 from .parallel.launch import PeerError
 from .presets.fast import plan_lines as fast_mode_lines
-from .sampling.guidance import passes_for
+from .request_plan import check_resumable, plan_request
 from .sampling.loop import ChunkLoop, Conditioning
-from .sampling.schedules import describe as describe_sampler
 from .sampling.schedules import make_sampler
-from .sampling.step_cache import describe as describe_step_cache
 from .sampling.step_cache import make_step_cache
-from .sampling.windows import FPS, plan_chunks
+from .sampling.windows import FPS
 
 
 @dataclass
@@ -174,36 +172,6 @@ class InfiniteTalkPipeline:
             if getattr(self, name) is None:
                 raise NotLoadedError(f"{label} is not loaded — load models first")
 
-    # ------------------------------------------------------------------------------------------------ planning
-
-    def plan_request(self, request: GenerateOptions, audio_frames: int | None = None) -> dict:
-        """What `generate` will run for this request: scheduler, real steps, passes, chunks (if the length is known)."""
-        request.validate()
-        sampler = describe_sampler(request.scheduler, request.steps, request.effective_shift)
-        passes = passes_for(request.text_scale, request.audio_scale)
-        cache_plan = describe_step_cache(request.step_cache, request.cache_threshold, request.size, sampler.steps)
-        out = {
-            "scheduler": sampler.as_dict(),
-            "steps": sampler.steps,
-            "passes_per_step": len(passes),
-            "passes": passes,
-            "shift": request.effective_shift,
-            "text_scale": request.text_scale,
-            "audio_scale": request.audio_scale,
-            "apg": request.use_apg,
-            "color_correction": request.effective_color_correction,
-            "size": request.size,
-            "max_seconds": request.max_seconds,
-            "step_cache": cache_plan.as_dict() if cache_plan else None,
-            "mode_lines": fast_mode_lines(self.load_options, request, sampling_only=True),
-        }
-        if audio_frames is not None:
-            max_frames = None if request.max_seconds is None else max(1, int(round(request.max_seconds * FPS)))
-            chunks = plan_chunks(audio_frames, max_frames, request.frame_num, request.motion_frames)
-            out["chunks"] = chunks.as_dict()
-            out["model_calls"] = chunks.num_chunks * sampler.steps * len(passes)
-        return out
-
     # ---------------------------------------------------------------------------------------------- generation
 
     def _audio_tracks(self, request: GenerateOptions, checked: CheckedRequest
@@ -286,9 +254,8 @@ class InfiniteTalkPipeline:
             raise InputError(f"{request.audio}: the audio is shorter than one video frame (40 ms); give longer speech")
         timings["audio_encoder_s"] = time.monotonic() - t
 
-        plan_info = self.plan_request(request, embeddings[0].shape[0])
-        max_frames = None if request.max_seconds is None else max(1, int(round(request.max_seconds * FPS)))
-        chunks = plan_chunks([e.shape[0] for e in embeddings], max_frames, request.frame_num, request.motion_frames)
+        plan_info = plan_request(request, embeddings[0].shape[0], self.load_options)
+        chunks = plan_info.chunks_for([e.shape[0] for e in embeddings])
 
         t = time.monotonic()
         prompt_ctx, negative_ctx = self.text_encoder.encode([request.prompt, request.negative_prompt])
@@ -366,7 +333,7 @@ class InfiniteTalkPipeline:
             elif video_error is not None:
                 status, error = "failed", f"the video could not be finished: {video_error}"
             timings["total_s"] = time.monotonic() - started
-            sidecar = self._sidecar(request, seed, plan_info, chunks, loop, timings, status, error, written["frames"],
+            sidecar = self._sidecar(request, seed, plan_info.as_dict(), chunks, loop, timings, status, error, written["frames"],
                                     source, persons, target, checked, soundtrack_record, prompt_tokens)
             sidecar["output"]["frames_sha256"] = digest.hexdigest()
             sidecar["output"]["video_saved"] = bool(written["frames"]) and video_error is None
@@ -453,18 +420,6 @@ def _memory_record(load_plan: dict | None, device: torch.device) -> dict:
         measured = {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
                     "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)}
     return {"planned": planned, "measured": measured}
-
-
-def check_resumable(request: GenerateOptions, resume: ChunkState | None, seed: int) -> int:
-    """The seed of a checkpointed run: the saved one when resuming (a request naming another is not this run)."""
-    if request.frame_num - request.motion_frames < request.motion_frames:
-        raise OptionError(f"checkpoints need frame_num - motion_frames >= motion_frames (got {request.frame_num} and "
-                          f"{request.motion_frames}): a chunk's new frames must hold the next chunk's context")
-    if resume is None:
-        return seed
-    if request.seed is not None and request.seed != resume.seed:
-        raise InputError(f"cannot resume: the saved run used seed {resume.seed}, the request asks for {request.seed}")
-    return resume.seed
 
 
 def _resume_into(resume: ChunkState, chunks, generator: torch.Generator, loop: ChunkLoop, writer: Mp4Writer,

@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import InfiniteTalkError
 from ..media.request_check import check_request
 from ..options import GenerateOptions, LoadOptions
+from ..request_plan import plan_request
 from . import controls as C
 from .session import Studio, audio_frames
 
@@ -298,7 +299,7 @@ def build_app(studio: Studio):
                     frames = audio_frames(request)
                 except (InfiniteTalkError, OSError) as err:
                     return f"**Speaker audio:** {err}"
-                plan = studio.pipeline.plan_request(request, frames)
+                plan = plan_request(request, frames, studio.pipeline.load_options).as_dict()
                 estimate = {"time": C.time_estimate(plan, studio.calibration), "memory": studio.memory_text()}
                 return C.plan_box_text(plan, estimate, C.mode_lines(studio.pipeline.load_options, request))
             except Exception as err:

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import CancelledError, InfiniteTalkError, NotLoadedError
 from ..options import GenerateOptions, LoadOptions
+from ..request_plan import frames_for_samples, track_samples
 from .controls import ChoiceStatus, choice_status, preflight
 
 log = logging.getLogger("infinite_talk.ui")
@@ -331,5 +332,4 @@ def audio_frames(request: GenerateOptions) -> int | None:
     for p in [request.audio] + ([request.audio2] if request.audio2 else []):
         st = os.stat(p)
         lengths.append(_samples_16k(str(p), st.st_mtime_ns, st.st_size))
-    samples = lengths[0] if len(lengths) == 1 else max(lengths) if request.audio_mode == "para" else sum(lengths)
-    return int(samples / 16000 * 25)
+    return frames_for_samples(track_samples(lengths, request.audio_mode))
