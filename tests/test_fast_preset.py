@@ -87,8 +87,8 @@ def test_fast_mode_runs_on_the_tiny_preset(tmp_path):
     expected_q = "fp8" if fp8 == "fp8-compute" else "disabled"  # fast mode takes fp8 only for fp8 matmuls
     assert load_values["quantization"] == expected_q
     plan = pipe.load_models(LoadOptions(**load_values))
-    assert any(line.startswith(f"lora: {lora} → 2 of 2 keys merged") for line in plan["lines"])
-    assert any(line.startswith(f"fast mode: quantization {expected_q}") for line in plan["lines"])
+    assert any(line.startswith(f"lora: {lora} → 2 of 2 keys merged") for line in plan.lines)
+    assert any(line.startswith(f"fast mode: quantization {expected_q}") for line in plan.lines)
     result = pipe.generate(GenerateOptions(**gen_values))
     eff = result.sidecar["effective"]
     assert eff["model_calls_per_chunk"] == [4] and eff["passes_per_step"] == 1 and eff["scheduler"] == "distill4"

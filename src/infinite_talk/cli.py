@@ -109,11 +109,11 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     try:
         plan = pipe.load_models(load, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
         print("plan:", file=sys.stderr)
-        for line in plan.get("lines", []):
+        for line in plan.lines:
             print("  " + line, file=sys.stderr)
         for line in mode_lines(load, request, sampling_only=True):
             print("  " + line, file=sys.stderr)
-        for note in plan.get("notes", []):
+        for note in plan.notes:
             print("note: " + note, file=sys.stderr)
         result = pipe.generate(request, progress=_progress_printer(), checked=checked)
     finally:

@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .errors import CancelledError, InputError, Interrupted, NotLoadedError
-from .loading import load_planned_transformer, refuse_double_quantization, resolve_model_files
+from .loading import LoadedModels, LoadedPlan, load_models, refuse_double_quantization, resolve_model_files
 from .media.audio import load_audio, load_audio_original, loudness_normalize
 from .media.color import ColorMatcher, color_correct
 from .media.frames import FrameSource, bucket_for, person_masks, resize_and_centercrop
@@ -29,9 +29,13 @@ from .media.mp4 import Mp4Writer, frames_to_uint8, soundtrack_rate
 from .media.request_check import CheckedRequest, check_request
 from .model_files import ModelFiles
 from .models.configs import Geometry
+from .models.offload import release
 from .options import GenerateOptions, LoadOptions, to_dict
-from .parallel.launch import PeerError
-from .presets.fast import plan_lines as fast_mode_lines
+from .parallel.launch import PeerError, bind_device, raise_on_sigterm, start_group, stop_group, world_from_env
+from .parallel.peers import Leader
+from .plan.memory import out_of_memory_error
+from .plan.planner import resolve
+from .plan.probe import probe
 from .request_plan import check_resumable, plan_request
 from .sampling.loop import ChunkLoop, Conditioning
 from .sampling.schedules import make_sampler
@@ -68,85 +72,52 @@ class ChunkState:
 
 
 class InfiniteTalkPipeline:
-    """Holds the loaded models; `generate` may be called any number of times."""
+    """Generation with loaded models; `generate` may be called any number of times.
 
-    def __init__(self):
-        self.transformer = self.vae = self.text_encoder = self.image_encoder = self.audio_encoder = None
-        self.load_options: LoadOptions | None = None
-        self.load_plan: dict | None = None
-        self.files: ModelFiles | None = None
-        self.geometry: Geometry | None = None
-        self.device = torch.device("cpu")
+    Given its components (`loading.load_models` makes them, as `LoadedModels`), or empty and filled by
+    `load_models(options)`, the convenience the CLI, UI and service use."""
+
+    def __init__(self, transformer=None, vae=None, text_encoder=None, image_encoder=None, audio_encoder=None,
+                 load_plan: LoadedPlan | None = None):
+        self._hold(transformer, vae, text_encoder, image_encoder, audio_encoder, load_plan)
         self.peers = None  # parallel.peers.Leader when this is rank 0 of a multi-process (torchrun) job
+
+    def _hold(self, transformer, vae, text_encoder, image_encoder, audio_encoder, load_plan: LoadedPlan | None):
+        self.transformer, self.vae = transformer, vae
+        self.text_encoder, self.image_encoder, self.audio_encoder = text_encoder, image_encoder, audio_encoder
+        self.load_plan = load_plan
+        self.load_options: LoadOptions | None = load_plan.options if load_plan else None
+        self.files: ModelFiles | None = load_plan.files if load_plan else None
+        self.geometry: Geometry | None = load_plan.geometry if load_plan else None
+        self.device = load_plan.device if load_plan else torch.device("cpu")
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModels) -> InfiniteTalkPipeline:
+        return cls(loaded.transformer, loaded.vae, loaded.text_encoder, loaded.image_encoder, loaded.audio_encoder,
+                   loaded.report)
 
     # ------------------------------------------------------------------------------------------------- loading
 
-    def load_models(self, options: LoadOptions, progress: Callable[[str], None] | None = None) -> dict:
-        """Resolve the plan (refusing what cannot run), find and validate every file, then load the models."""
-        from .parallel.launch import bind_device, world_from_env
-        from .plan.planner import resolve
-        from .plan.probe import probe
-
+    def load_models(self, options: LoadOptions, progress: Callable[[str], None] | None = None) -> LoadedPlan:
+        """Resolve the plan (refusing what cannot run), find and validate every file, then load the models
+        (loading.py) and hold them. Returns what was loaded and how."""
         options.validate()
         say = progress or (lambda msg: None)
         world = world_from_env()
         bind_device(world)  # torchrun: this process's GPU before the probe touches CUDA
         plan = resolve(options, probe(), world)
-        device = torch.device(plan.device)
         parallel = self._join_processes(world, plan) if plan.world_size > 1 else None
         files, geometry = resolve_model_files(options, say)
         if self.peers is not None:
             self.peers.files_ready(to_dict(options))  # the other processes load their transformer now
         refuse_double_quantization(plan, files)
-
-        from .models.audio_encoder import load_audio_encoder
-        from .models.image_encoder import load_image_encoder
-        from .models.offload import apply_sequential, offload_after_use
-        from .models.quantize import quantize_text_encoder
-        from .models.text_encoder import load_text_encoder
-        from .models.vae import load_vae
-
-        host = torch.device("cpu")
-        transformer, loras, quantization, offload = load_planned_transformer(plan, options, files, geometry, say,
-                                                                             parallel)
-        say("loading VAE")
-        vae = load_vae(files.vae, geometry, device=device, dtype=plan.vae_torch_dtype, tiling=plan.vae_tiling)
-        say("loading text encoder")
-        encoder_device = host if plan.encoders_offloaded else device  # then they visit the GPU only to encode
-        # an fp8 T5 is quantized in host memory, then moved: the GPU never holds its 11 GB of bf16 weights
-        t5_device = host if options.t5_quantization != "disabled" else encoder_device
-        text_encoder = load_text_encoder(files.t5, files.t5_tokenizer, geometry, device=t5_device,
-                                         dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
-        t5_quantization = quantize_text_encoder(text_encoder.model, options.t5_quantization)
-        text_encoder.model.to(encoder_device)  # (the memory plan never offloads a quantized T5)
-        say("loading image encoder")
-        image_encoder = load_image_encoder(files.clip, geometry, device=encoder_device,
-                                           dtype=torch.float32 if device.type == "cpu" else torch.float16)
-        if plan.encoders_offloaded:
-            apply_sequential(text_encoder.model, device)  # T5 streamed layer by layer (largest: its embedding)
-            offload_after_use(image_encoder.model, device)
-        say("loading audio encoder")
-        audio_encoder = load_audio_encoder(files.wav2vec, geometry, device="cpu", dtype=torch.float32)
-
-        self.transformer, self.vae = transformer, vae
-        self.text_encoder, self.image_encoder, self.audio_encoder = text_encoder, image_encoder, audio_encoder
-        self.load_options, self.files, self.geometry, self.device = options, files, geometry, device
-        self.load_plan = plan.to_dict()
-        self.load_plan["lines"] = plan.lines() + loras.lines + fast_mode_lines(options, caps=probe())
-        self.load_plan["loras"] = loras.as_dict()
-        self.load_plan["files"] = files.as_dict()
-        self.load_plan["offload_report"] = offload
-        self.load_plan["geometry"] = geometry.name
-        self.load_plan["quantization_report"] = {"transformer": quantization, "t5": t5_quantization}
-        self.load_plan["notes"] = [n for n in (getattr(audio_encoder, "warning", None),) if n]
-        self.load_plan["notes"] += [*plan.memory.get("warnings", ()), *plan.memory.get("notes", ())]
-        return self.load_plan
+        loaded = load_models(plan, options, files, geometry, say, parallel)
+        self._hold(loaded.transformer, loaded.vae, loaded.text_encoder, loaded.image_encoder, loaded.audio_encoder,
+                   loaded.report)
+        return loaded.report
 
     def _join_processes(self, world, plan):
         """Rank 0 of a torchrun job: join the process group; the other processes follow (parallel/peers.py)."""
-        from .parallel.launch import raise_on_sigterm, start_group
-        from .parallel.peers import Leader
-
         if self.peers is None:
             parallel = start_group(world, plan)
             self.peers = Leader(world, parallel)
@@ -159,8 +130,6 @@ class InfiniteTalkPipeline:
 
     def release_processes(self) -> None:
         """Multi-process job: tell the other processes that the job is over (they exit), and leave the group."""
-        from .parallel.launch import stop_group
-
         if self.peers is not None:
             if self.peers.close():
                 stop_group(leader=True)
@@ -368,10 +337,10 @@ class InfiniteTalkPipeline:
             "seed": seed,
             "speakers": persons,
             "resolution": list(target),
-            **{name: (self.load_plan or {}).get("options", {}).get(name, {}).get("effective")
-               for name in ("model_precision", "vae_precision", "quantization", "attention", "device", "offload",
-                            "vae_tiling", "sequence_parallel")},
-            "attention_backend": (self.load_plan or {}).get("attention_backend"),
+            **{name: self._effective(name) for name in ("model_precision", "vae_precision", "quantization",
+                                                         "attention", "device", "offload", "vae_tiling",
+                                                         "sequence_parallel")},
+            "attention_backend": self.load_plan.plan.attention_backend if self.load_plan else None,
             "model_calls": loop.stats.model_calls,
             "model_calls_per_chunk": loop.stats.calls_per_chunk,
             "cache_skips": sum(loop.stats.cache_skips_per_chunk),
@@ -392,7 +361,7 @@ class InfiniteTalkPipeline:
             "requested": requested,
             "effective": effective,
             "load": {"requested": to_dict(self.load_options) if self.load_options else None,
-                     "effective": self.load_plan},
+                     "effective": self.load_plan.as_dict() if self.load_plan else None},
             "output": {"frames": frames, "fps": FPS, "duration_s": frames / FPS,
                        "planned_frames": chunks.num_frames, "chunks_done": loop.stats.chunks_done,
                        "chunks": chunks.num_chunks},
@@ -401,20 +370,23 @@ class InfiniteTalkPipeline:
             "versions": _versions(),
         }
 
+    def _effective(self, option: str) -> str | None:
+        """What the loaded models run for a load option (the plan's `effective`)."""
+        resolved = self.load_plan.plan.options.get(option) if self.load_plan else None
+        return resolved.effective if resolved else None
+
     def _out_of_memory(self, request, target, persons, chunks, loop, frames_done, out_path):
         """The GPU ran out of memory in a chunk: swapped weights go back to host memory, and the error names a
         setting the memory plan estimates to fit (plan/memory.py)."""
-        from .models.offload import release
-        from .plan.memory import out_of_memory_error
-
         release(self.transformer)
-        return out_of_memory_error(self.load_plan, target, request.frame_num, persons, loop.stats.chunks_done + 1,
+        return out_of_memory_error(self.load_plan.memory if self.load_plan else None, target, request.frame_num, persons, loop.stats.chunks_done + 1,
                                    chunks.num_chunks, frames_done, out_path)
 
 
-def _memory_record(load_plan: dict | None, device: torch.device) -> dict:
+def _memory_record(load_plan: LoadedPlan | None, device: torch.device) -> dict:
     """The plan's estimate next to what this process really used (GPU peak since the process started)."""
-    planned = ((load_plan or {}).get("memory") or {}).get("estimate")
+    memory = load_plan.memory if load_plan else None
+    planned = memory.estimate.to_dict() if memory is not None and memory.estimate is not None else None
     measured = None
     if device.type == "cuda":
         measured = {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),

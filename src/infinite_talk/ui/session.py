@@ -200,12 +200,13 @@ class Studio:
 
     # ---- work on the GPU turn -------------------------------------------------------------------------------------
     def load(self, options: LoadOptions, say: Callable[[str], None]) -> dict:
-        """Replace the loaded models (refused options fail here, before the old models are dropped)."""
+        """Replace the loaded models (refused options fail here, before the old models are dropped); what was loaded,
+        as the load panel shows it."""
         preflight(options, self.caps)
         if self.loaded:
             say("unloading the previous models")
         self._unload()
-        return self.pipeline.load_models(options, progress=say)
+        return self.pipeline.load_models(options, progress=say).as_dict()
 
     def _unload(self) -> None:
         from ..pipeline import InfiniteTalkPipeline
@@ -293,11 +294,11 @@ class Studio:
         size = sum(_module_bytes(getattr(self.pipeline, n)) for n in ("transformer", "vae", "text_encoder",
                                                                        "image_encoder", "audio_encoder"))
         text = f"model weights in memory: {_size(size)} on {self.pipeline.device}"
-        estimate = ((self.pipeline.load_plan or {}).get("memory") or {}).get("estimate") or {}
-        if estimate.get("peak_gib") is not None:  # the planner's estimate for the loaded models (plan/memory.py)
-            planned = ((self.pipeline.load_plan or {}).get("memory") or {}).get("planned_for") or {}
-            text += (f"; estimated peak {estimate['peak_gib']:.2f} GiB ({estimate.get('peak_phase', '?')} phase"
-                     + (f", planned for {planned['label']}" if planned.get("label") else "") + ")")
+        memory = self.pipeline.load_plan.memory if self.pipeline.load_plan else None
+        if memory is not None and memory.estimate is not None:  # the planner's estimate for the loaded models
+            estimate = memory.estimate.to_dict()
+            text += (f"; estimated peak {estimate['peak_gib']:.2f} GiB ({estimate['peak_phase']} phase, planned for "
+                     f"{memory.shape.label()})")
         if self.last_peak_gib is not None:
             text += f"; peak GPU memory of the last run: {_size(self.last_peak_gib * 2**30)}"
         return text
