@@ -193,43 +193,89 @@ class InfiniteTalkPipeline:
         checking again when it matches, else the request is checked here."""
         request.validate()
         self._require_models()
+        self._start_peers(request)
+        checked = _checked_again_unless_same(request, checked, checkpoint=on_checkpoint is not None)
+        checked.out.parent.mkdir(parents=True, exist_ok=True)
+        timings: dict[str, float] = {}
+        started = time.monotonic()
+        seed = _seed_for(request, resume, checkpointed=on_checkpoint is not None or resume is not None)
+        inputs = self._prepare_inputs(request, checked, timings)
+        embeddings = self._embed_audio(request, inputs.tracks, timings)
+        plan = plan_request(request, embeddings[0].shape[0], self.load_options)
+        chunks = plan.chunks_for([e.shape[0] for e in embeddings])
+        prompts = self._encode_prompts(request, timings)
+        loop, cond = self._chunk_loop(request, inputs, embeddings, prompts, chunks)
+        generator = torch.Generator().manual_seed(seed)
+        sink = _FrameSink(Mp4Writer(checked.out, fps=FPS, audio=inputs.soundtrack), chunks, loop, generator, seed,
+                          request.motion_frames, on_chunk, on_checkpoint)
+        if resume is not None:  # frames_sha256 covers the earlier chunks too, as the job service computes it
+            resume = dataclasses.replace(resume, earlier_frames=hashed(resume.earlier_frames or (), sink.digest))
+
+        outcome = _Outcome()
+        t = time.monotonic()
+        try:
+            self._sample(chunks, cond, loop, generator, sink, resume, progress, should_stop, outcome)
+        except CancelledError as err:
+            outcome.status, outcome.error = "cancelled", str(err)
+        except PeerError as err:  # another process of the torchrun job failed; raised below with the frames kept
+            outcome.status, outcome.error, outcome.peer_error = "failed", str(err), err
+        except torch.OutOfMemoryError:  # = torch.cuda.OutOfMemoryError; raised below, after the sidecar is written
+            outcome.out_of_memory = self._out_of_memory(request, inputs.target, inputs.persons, chunks, loop,
+                                                        sink.frames, checked.out)
+            outcome.status, outcome.error = "failed", str(outcome.out_of_memory)
+        except KeyboardInterrupt:  # Ctrl-C: the finished frames are kept; raised below as Interrupted
+            outcome.status, outcome.error, outcome.interrupted = "interrupted", "interrupted (Ctrl-C / SIGINT)", True
+        except BaseException as err:
+            outcome.status, outcome.error, outcome.failure = "failed", f"{type(err).__name__}: {err}", err
+            raise
+        finally:
+            timings["sampling_s"] = time.monotonic() - t
+            self._close_run(request, checked, inputs, plan, chunks, loop, sink, seed, prompts, outcome, timings,
+                            started)
+        _raise_for(outcome, checked.out)
+        return GenerateResult(checked.out, outcome.sidecar_path, sink.frames, sink.frames / FPS, seed,
+                              outcome.sidecar)
+
+    # steps of `generate`, in order
+
+    def _start_peers(self, request: GenerateOptions) -> None:
+        """A torchrun job: the other processes check the request and get ready for its transformer calls."""
         if self.peers is not None:
             self.peers.check_request(request)
             self.peers.start_run()
-        checkpoint = on_checkpoint is not None
-        if checked is None or checked.request != request or checked.checkpoint != checkpoint:
-            checked = check_request(request, checkpoint=checkpoint)
-        out_path = checked.out
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        timings: dict[str, float] = {}
-        started = time.monotonic()
-        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-        if on_checkpoint is not None or resume is not None:
-            seed = check_resumable(request, resume, seed)
 
+    def _prepare_inputs(self, request: GenerateOptions, checked: CheckedRequest, timings: dict) -> _Inputs:
+        """The reference at the bucket's frame size, the speakers' model tracks, the soundtrack, the person masks."""
         t = time.monotonic()
         source = FrameSource(request.image or request.video)
         first = source.first_frame()
         target = self.geometry.frame_size(bucket_for(first.size[1], first.size[0], request.size))
         reference = resize_and_centercrop(first, target)
         tracks, soundtrack, soundtrack_record = self._audio_tracks(request, checked)
-        persons = len(tracks)
-        masks = person_masks(first.size[1], first.size[0], target, persons, request.bbox)
+        masks = person_masks(first.size[1], first.size[0], target, len(tracks), request.bbox)
         timings["inputs_s"] = time.monotonic() - t
+        return _Inputs(source, target, reference, tracks, soundtrack, soundtrack_record, masks)
 
+    def _embed_audio(self, request: GenerateOptions, tracks: list[np.ndarray], timings: dict) -> list[torch.Tensor]:
+        """wav2vec2 features per speaker, one row per 25 fps frame."""
         t = time.monotonic()
         embeddings = [self.audio_encoder.embed(w).float() for w in tracks]
         if min(e.shape[0] for e in embeddings) < 1:
             raise InputError(f"{request.audio}: the audio is shorter than one video frame (40 ms); give longer speech")
         timings["audio_encoder_s"] = time.monotonic() - t
+        return embeddings
 
-        plan_info = plan_request(request, embeddings[0].shape[0], self.load_options)
-        chunks = plan_info.chunks_for([e.shape[0] for e in embeddings])
-
+    def _encode_prompts(self, request: GenerateOptions, timings: dict) -> _Prompts:
         t = time.monotonic()
-        prompt_ctx, negative_ctx = self.text_encoder.encode([request.prompt, request.negative_prompt])
-        prompt_tokens = self.text_encoder.token_report(request.prompt, request.negative_prompt)
+        positive, negative = self.text_encoder.encode([request.prompt, request.negative_prompt])
+        tokens = self.text_encoder.token_report(request.prompt, request.negative_prompt)
         timings["text_encoder_s"] = time.monotonic() - t
+        return _Prompts(positive, negative, tokens)
+
+    def _chunk_loop(self, request: GenerateOptions, inputs: _Inputs, embeddings, prompts: _Prompts,
+                    chunks) -> tuple[ChunkLoop, Conditioning]:
+        """The sampling loop over the chunks, and what conditions every chunk (prompts, audio, masks, keyframes)."""
+        source, target, reference = inputs.source, inputs.target, inputs.reference
 
         def keyframe(k: int):
             if not source.is_video:
@@ -240,7 +286,7 @@ class InfiniteTalkPipeline:
 
         strength = request.effective_color_correction
         matcher = ColorMatcher(reference) if strength > 0 else None
-        cond = Conditioning(prompt_ctx, negative_ctx, embeddings, masks, keyframe,
+        cond = Conditioning(prompts.positive, prompts.negative, embeddings, inputs.masks, keyframe,
                             reference if matcher is not None else None, strength)
         loop = ChunkLoop(
             self.transformer, self.vae, self.image_encoder,
@@ -251,80 +297,37 @@ class InfiniteTalkPipeline:
             step_cache=make_step_cache(self.transformer, request.step_cache, request.cache_threshold, request.size),
             peers=self.peers,
         )
-        generator = torch.Generator().manual_seed(seed)
-        written = {"frames": 0}
-        writer = Mp4Writer(out_path, fps=FPS, audio=soundtrack)
-        digest = FramesHash()  # frames_sha256, as the job service computes it (earlier chunks of a resume included)
+        return loop, cond
+
+    def _sample(self, chunks, cond, loop, generator, sink, resume, progress, should_stop, outcome) -> None:
+        """Run the chunks, from where `resume` left off (`outcome.start_chunk`)."""
+        context = None
         if resume is not None:
-            resume = dataclasses.replace(resume, earlier_frames=hashed(resume.earlier_frames or (), digest))
+            outcome.start_chunk, context = _resume_into(resume, chunks, generator, loop, sink)
+        with torch.inference_mode():
+            loop.run(chunks, cond, generator, on_frames=sink, progress=progress, should_stop=should_stop,
+                     start_chunk=outcome.start_chunk, context_frames=context)
 
-        def on_frames(k: int, video: torch.Tensor) -> None:
-            keep = min(video.shape[1], chunks.num_frames - written["frames"])
-            frames = frames_to_uint8(video[:, :keep])
-            writer.append(frames)
-            digest.update(frames)
-            written["frames"] += keep
-            if on_chunk is not None:
-                on_chunk(k, frames.numpy() if isinstance(frames, torch.Tensor) else frames)
-            if on_checkpoint is not None:  # video ends with the next chunk's context (stride ≥ motion_frames)
-                stats = {**dataclasses.asdict(loop.stats), "chunks_done": k + 1}
-                on_checkpoint(ChunkState(k + 1, chunks.num_chunks, seed, written["frames"], generator.get_state(),
-                                         video[:, -request.motion_frames:][None].clone(), stats),
-                              frames.numpy() if isinstance(frames, torch.Tensor) else frames)
-
-        status, error, out_of_memory, peer_error, interrupted, failure = "completed", None, None, None, False, None
-        t = time.monotonic()
-        start_chunk, context = 0, None
-        try:
-            if resume is not None:
-                start_chunk, context = _resume_into(resume, chunks, generator, loop, writer, written)
-            with torch.inference_mode():
-                loop.run(chunks, cond, generator, on_frames=on_frames, progress=progress, should_stop=should_stop,
-                         start_chunk=start_chunk, context_frames=context)
-        except CancelledError as err:
-            status, error = "cancelled", str(err)
-        except PeerError as err:  # another process of the torchrun job failed; raised below with the frames kept
-            status, error, peer_error = "failed", str(err), err
-        except torch.OutOfMemoryError:  # = torch.cuda.OutOfMemoryError; raised below, after the sidecar is written
-            out_of_memory = self._out_of_memory(request, target, persons, chunks, loop, written["frames"], out_path)
-            status, error = "failed", str(out_of_memory)
-        except KeyboardInterrupt:  # Ctrl-C: the finished frames are kept; raised below as Interrupted
-            status, error, interrupted = "interrupted", "interrupted (Ctrl-C / SIGINT)", True
-        except BaseException as err:
-            status, error, failure = "failed", f"{type(err).__name__}: {err}", err
-            raise
-        finally:
-            timings["sampling_s"] = time.monotonic() - t
-            video_error = _finish_video(writer, written["frames"])
-            kept = _kept_text(written["frames"], out_path, video_error)
-            if failure is not None:
-                failure.add_note(kept)
-            elif video_error is not None:
-                status, error = "failed", f"the video could not be finished: {video_error}"
-            timings["total_s"] = time.monotonic() - started
-            sidecar = self._sidecar(request, seed, plan_info.as_dict(), chunks, loop, timings, status, error, written["frames"],
-                                    source, persons, target, checked, soundtrack_record, prompt_tokens)
-            sidecar["output"]["frames_sha256"] = digest.hexdigest()
-            sidecar["output"]["video_saved"] = bool(written["frames"]) and video_error is None
-            if start_chunk:
-                sidecar["output"]["resumed_from_chunk"] = start_chunk
-            sidecar_path = out_path.with_suffix(".json")
-            sidecar_error = _write_sidecar(sidecar_path, sidecar)
-        if sidecar_error is not None:
-            raise InputError(f"{sidecar_path}: the run's record could not be written ({sidecar_error}); {kept}")
-        if interrupted:
-            raise Interrupted(f"{error}; {kept}; the record is in {sidecar_path}")
-        if status == "cancelled":
-            raise CancelledError(f"{error}; {kept}")
-        if out_of_memory is not None:  # raised outside the except clause: the failed call's tensors are freed
-            if video_error is not None:
-                out_of_memory.add_note(kept)
-            raise out_of_memory
-        if peer_error is not None:
-            raise PeerError(f"{peer_error}; {kept}")
-        if video_error is not None:
-            raise InputError(f"{out_path}: {kept}; the record is in {sidecar_path}")
-        return GenerateResult(out_path, sidecar_path, written["frames"], written["frames"] / FPS, seed, sidecar)
+    def _close_run(self, request, checked, inputs, plan, chunks, loop, sink, seed, prompts, outcome, timings,
+                   started) -> None:
+        """Finish the mp4 (or drop it when no frame was made) and write the run's record next to it, whatever
+        happened; `outcome` gets what the caller must raise."""
+        outcome.video_error = _finish_video(sink.writer, sink.frames)
+        outcome.kept = _kept_text(sink.frames, checked.out, outcome.video_error)
+        if outcome.failure is not None:
+            outcome.failure.add_note(outcome.kept)
+        elif outcome.video_error is not None:
+            outcome.status, outcome.error = "failed", f"the video could not be finished: {outcome.video_error}"
+        timings["total_s"] = time.monotonic() - started
+        sidecar = self._sidecar(request, seed, plan.as_dict(), chunks, loop, timings, outcome.status, outcome.error,
+                                sink.frames, inputs.source, inputs.persons, inputs.target, checked,
+                                inputs.soundtrack_record, prompts.tokens)
+        sidecar["output"]["frames_sha256"] = sink.digest.hexdigest()
+        sidecar["output"]["video_saved"] = bool(sink.frames) and outcome.video_error is None
+        if outcome.start_chunk:
+            sidecar["output"]["resumed_from_chunk"] = outcome.start_chunk
+        outcome.sidecar, outcome.sidecar_path = sidecar, checked.out.with_suffix(".json")
+        outcome.sidecar_error = _write_sidecar(outcome.sidecar_path, sidecar)
 
     def _sidecar(self, request, seed, plan_info, chunks, loop, timings, status, error, frames, source, persons,
                  target, checked, soundtrack, prompt_tokens) -> dict:
@@ -394,17 +397,118 @@ def _memory_record(load_plan: LoadedPlan | None, device: torch.device) -> dict:
     return {"planned": planned, "measured": measured}
 
 
-def _resume_into(resume: ChunkState, chunks, generator: torch.Generator, loop: ChunkLoop, writer: Mp4Writer,
-                 written: dict) -> tuple[int, torch.Tensor]:
+@dataclass
+class _Inputs:
+    """A request's inputs as the model takes them (`_prepare_inputs`)."""
+
+    source: FrameSource
+    target: tuple[int, int]  # (height, width) of the generated frames
+    reference: object  # the first frame, resized and centre-cropped to `target`
+    tracks: list[np.ndarray]  # 16 kHz model track per speaker
+    soundtrack: tuple[np.ndarray, int]  # what is muxed into the mp4
+    soundtrack_record: dict
+    masks: object
+
+    @property
+    def persons(self) -> int:
+        return len(self.tracks)
+
+
+@dataclass
+class _Prompts:
+    positive: torch.Tensor
+    negative: torch.Tensor
+    tokens: dict  # the token report for the sidecar
+
+
+class _FrameSink:
+    """Where each finished chunk's frames go (`ChunkLoop.run(on_frames=...)`): the mp4, the frames hash, the
+    caller's previews (`on_chunk`) and checkpoints (`on_checkpoint`)."""
+
+    def __init__(self, writer: Mp4Writer, chunks, loop: ChunkLoop, generator: torch.Generator, seed: int,
+                 motion_frames: int, on_chunk=None, on_checkpoint=None):
+        self.writer, self.chunks, self.loop, self.generator, self.seed = writer, chunks, loop, generator, seed
+        self.motion_frames, self.on_chunk, self.on_checkpoint = motion_frames, on_chunk, on_checkpoint
+        self.digest = FramesHash()  # frames_sha256, as the job service computes it (earlier chunks of a resume too)
+        self.frames = 0  # written to the mp4 so far
+
+    def __call__(self, k: int, video: torch.Tensor) -> None:
+        keep = min(video.shape[1], self.chunks.num_frames - self.frames)
+        frames = frames_to_uint8(video[:, :keep])
+        self.writer.append(frames)
+        self.digest.update(frames)
+        self.frames += keep
+        if self.on_chunk is not None:
+            self.on_chunk(k, frames.numpy() if isinstance(frames, torch.Tensor) else frames)
+        if self.on_checkpoint is not None:  # video ends with the next chunk's context (stride ≥ motion_frames)
+            stats = {**dataclasses.asdict(self.loop.stats), "chunks_done": k + 1}
+            state = ChunkState(k + 1, self.chunks.num_chunks, self.seed, self.frames, self.generator.get_state(),
+                               video[:, -self.motion_frames:][None].clone(), stats)
+            self.on_checkpoint(state, frames.numpy() if isinstance(frames, torch.Tensor) else frames)
+
+
+@dataclass
+class _Outcome:
+    """How the sampling ended, and what `generate` raises for it once the mp4 and the record are written."""
+
+    status: str = "completed"
+    error: str | None = None
+    out_of_memory: Exception | None = None
+    peer_error: PeerError | None = None
+    interrupted: bool = False
+    failure: BaseException | None = None
+    start_chunk: int = 0  # > 0 when this run resumed a checkpointed one
+    video_error: str | None = None
+    kept: str = ""
+    sidecar: dict | None = None
+    sidecar_path: Path | None = None
+    sidecar_error: str | None = None
+
+
+def _checked_again_unless_same(request: GenerateOptions, checked: CheckedRequest | None,
+                               checkpoint: bool) -> CheckedRequest:
+    """The caller's check of this very request, else a fresh `check_request`."""
+    if checked is None or checked.request != request or checked.checkpoint != checkpoint:
+        checked = check_request(request, checkpoint=checkpoint)
+    return checked
+
+
+def _seed_for(request: GenerateOptions, resume: ChunkState | None, checkpointed: bool) -> int:
+    """The request's seed, a random one when unset, or the resumed run's (`check_resumable`)."""
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+    return check_resumable(request, resume, seed) if checkpointed else seed
+
+
+def _raise_for(outcome: _Outcome, out_path: Path) -> None:
+    """A run that did not complete ends in one error that says what was kept and where the record is."""
+    kept, sidecar_path = outcome.kept, outcome.sidecar_path
+    if outcome.sidecar_error is not None:
+        raise InputError(f"{sidecar_path}: the run's record could not be written ({outcome.sidecar_error}); {kept}")
+    if outcome.interrupted:
+        raise Interrupted(f"{outcome.error}; {kept}; the record is in {sidecar_path}")
+    if outcome.status == "cancelled":
+        raise CancelledError(f"{outcome.error}; {kept}")
+    if outcome.out_of_memory is not None:  # raised outside the except clause: the failed call's tensors are freed
+        if outcome.video_error is not None:
+            outcome.out_of_memory.add_note(kept)
+        raise outcome.out_of_memory
+    if outcome.peer_error is not None:
+        raise PeerError(f"{outcome.peer_error}; {kept}")
+    if outcome.video_error is not None:
+        raise InputError(f"{out_path}: {kept}; the record is in {sidecar_path}")
+
+
+def _resume_into(resume: ChunkState, chunks, generator: torch.Generator, loop: ChunkLoop,
+                 sink: _FrameSink) -> tuple[int, torch.Tensor]:
     """Put the run where `resume` left it: the earlier frames muxed again, the noise generator and loop stats restored."""
     if resume.num_chunks != chunks.num_chunks or not 0 < resume.next_chunk <= chunks.num_chunks:
         raise InputError(f"cannot resume: the saved run has {resume.num_chunks} chunks (next {resume.next_chunk}), "
                          f"this request plans {chunks.num_chunks}; the inputs or options differ")
     for frames in resume.earlier_frames or ():
-        writer.append(frames)
-        written["frames"] += len(frames)
-    if written["frames"] != resume.frames_written:
-        raise InputError(f"cannot resume: {written['frames']} earlier frames given, the saved run had written "
+        sink.writer.append(frames)
+        sink.frames += len(frames)
+    if sink.frames != resume.frames_written:
+        raise InputError(f"cannot resume: {sink.frames} earlier frames given, the saved run had written "
                          f"{resume.frames_written}")
     generator.set_state(resume.generator_state)
     for name, value in resume.stats.items():
