@@ -21,12 +21,12 @@ import torch
 from . import __version__
 from .errors import CancelledError, InputError, Interrupted, NotLoadedError
 from .loading import LoadedModels, LoadedPlan, load_models, refuse_double_quantization, resolve_model_files
-from .media.audio import load_audio, load_audio_original, loudness_normalize
 from .media.color import ColorMatcher, color_correct
 from .media.frames import FrameSource, bucket_for, person_masks, resize_and_centercrop
 from .media.frames_hash import FramesHash, hashed
-from .media.mp4 import Mp4Writer, frames_to_uint8, soundtrack_rate
+from .media.mp4 import Mp4Writer, frames_to_uint8
 from .media.request_check import CheckedRequest, check_request
+from .media.tracks import speaker_tracks
 from .model_files import ModelFiles
 from .models.configs import Geometry
 from .models.offload import release
@@ -143,39 +143,6 @@ class InfiniteTalkPipeline:
 
     # ---------------------------------------------------------------------------------------------- generation
 
-    def _audio_tracks(self, request: GenerateOptions, checked: CheckedRequest
-                      ) -> tuple[list[np.ndarray], tuple[np.ndarray, int], dict]:
-        """16 kHz loudness-normalised model tracks per person, the soundtrack to mux (1 or 2 channels at a rate AAC
-        takes), and what became of the soundtrack (for the sidecar)."""
-        paths = [request.audio] + ([request.audio2] if request.audio2 else [])
-        raw = [load_audio(p) for p in paths]
-        tracks = [loudness_normalize(w) for w in raw]
-        if len(tracks) == 1:
-            info = checked.audio[0]
-            samples, rate = load_audio_original(request.audio, soundtrack_rate(info.rate))
-            record = {"source_channels": info.channels, "source_rate": info.rate, "channels": samples.shape[0],
-                      "rate": rate}
-            if info.channels > 2:
-                record["note"] = f"{info.channels} channels averaged to mono (as the model hears them)"
-            if rate != info.rate:
-                record["rate_note"] = f"resampled from {info.rate} Hz: AAC does not take that rate"
-            return tracks, (samples, rate), record
-        a, b = tracks
-        ra, rb = raw
-        if request.audio_mode == "para":  # D6: pad the shorter track instead of failing
-            n = max(len(a), len(b))
-            tracks = [np.pad(a, (0, n - len(a))), np.pad(b, (0, n - len(b)))]
-            mix = np.pad(ra, (0, n - len(ra))) + np.pad(rb, (0, n - len(rb)))
-        else:  # add: speaker 1 then speaker 2, each silent while the other speaks
-            tracks = [np.concatenate([a, np.zeros_like(b)]), np.concatenate([np.zeros_like(a), b])]
-            mix = np.concatenate([ra, rb])
-        peak = float(np.abs(mix).max()) if mix.size else 0.0
-        if peak > 1.0:
-            mix = mix / peak
-        record = {"source_channels": [a.channels for a in checked.audio], "channels": 1, "rate": 16000,
-                  "note": f"the two speakers mixed to mono at 16 kHz ({request.audio_mode})"}
-        return tracks, (mix[None].astype(np.float32), 16000), record
-
     def generate(
         self,
         request: GenerateOptions,
@@ -251,7 +218,7 @@ class InfiniteTalkPipeline:
         first = source.first_frame()
         target = self.geometry.frame_size(bucket_for(first.size[1], first.size[0], request.size))
         reference = resize_and_centercrop(first, target)
-        tracks, soundtrack, soundtrack_record = self._audio_tracks(request, checked)
+        tracks, soundtrack, soundtrack_record = speaker_tracks(request, checked)
         masks = person_masks(first.size[1], first.size[0], target, len(tracks), request.bbox)
         timings["inputs_s"] = time.monotonic() - t
         return _Inputs(source, target, reference, tracks, soundtrack, soundtrack_record, masks)
