@@ -42,7 +42,8 @@ from infinite_talk.models.offload import (
     move_module,
     remove_offload,
 )
-from infinite_talk.plan.memory import GIB, MemoryModel, Setting, Shape, copy_notes, parse_offload
+from infinite_talk.models.placement import Offload
+from infinite_talk.plan.memory import GIB, MemoryModel, Setting, Shape, copy_notes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dit_forward import build_model, grid, make_inputs, timed  # noqa: E402  (the same random model and inputs)
@@ -102,10 +103,10 @@ class Peak:
 def place(model, setting: Setting, device, cpu_smoke: bool) -> dict:
     remove_offload(model)
     if cpu_smoke:  # hooks with host memory on both sides
-        kind, n = parse_offload(setting.offload, len(model.blocks))
-        if kind == "blocks":
-            return apply_block_swap(model, n, "cpu", use_stream=False, prefetch=True)
-        if kind == "sequential":
+        placement = Offload.parse(setting.offload, len(model.blocks))
+        if placement.kind == "blocks":
+            return apply_block_swap(model, placement.blocks, "cpu", use_stream=False, prefetch=True)
+        if placement.kind == "sequential":
             return apply_sequential(model, "cpu", use_stream=False)
         return {"offload": "none"}
     # as the pipeline loads an offloaded model: from host memory, so the resident blocks are allocated afresh (placing
@@ -116,7 +117,10 @@ def place(model, setting: Setting, device, cpu_smoke: bool) -> dict:
     if setting.offload == "none":
         move_module(model, device)
         return {"offload": "none"}
-    return apply_offload(model, setting.offload, device)
+    placement = Offload.parse(setting.offload, len(model.blocks))
+    if placement.kind == "blocks":  # each block in its own form (this benchmark quantizes some models, not others)
+        return apply_block_swap(model, placement.blocks, device)
+    return apply_offload(model, placement, device)
 
 
 def measure(model, vae, inputs, setting, steps, device, reference=None, with_vae: bool = True) -> dict:

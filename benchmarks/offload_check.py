@@ -18,6 +18,7 @@ import torch
 from dit_forward import device_name, report
 from infinite_talk.models.configs import GEOMETRY_TINY
 from infinite_talk.models.offload import apply_offload
+from infinite_talk.models.placement import Offload, swap_for
 from infinite_talk.models.quantize import quantize_transformer
 from infinite_talk.models.transformer import InfiniteTalkTransformer
 from infinite_talk.presets.tiny_transformer import random_transformer_inputs
@@ -54,7 +55,7 @@ def main() -> None:
             whole.to(device)
             swapped = model()
             quantize_transformer(swapped, mode, "cpu")  # the offloaded pipeline's order
-            report_ = apply_offload(swapped, "blocks:4", device)
+            report_ = apply_offload(swapped, Offload("blocks", 4, swap_for(mode)), device)
             if args.compile:  # as the pipeline does (after placing)
                 torch._dynamo.reset()
                 for block in swapped.blocks:

@@ -13,8 +13,8 @@ from infinite_talk.cli import main as cli_main
 from infinite_talk.errors import OptionError
 from infinite_talk.options import GenerateOptions, LoadOptions
 from infinite_talk.pipeline import InfiniteTalkPipeline
-from infinite_talk.plan.probe import simulated
 from infinite_talk.presets.fast import apply_mode, plan_lines
+from infinite_talk.testing.machines import simulated
 
 EXAMPLES = Path(__file__).parent / "data" / "examples"
 CPU, H100, A100 = simulated("cpu"), simulated("h100"), simulated("a100")
@@ -87,8 +87,8 @@ def test_fast_mode_runs_on_the_tiny_preset(tmp_path):
     expected_q = "fp8" if fp8 == "fp8-compute" else "disabled"  # fast mode takes fp8 only for fp8 matmuls
     assert load_values["quantization"] == expected_q
     plan = pipe.load_models(LoadOptions(**load_values))
-    assert any(line.startswith(f"lora: {lora} → 2 of 2 keys merged") for line in plan["lines"])
-    assert any(line.startswith(f"fast mode: quantization {expected_q}") for line in plan["lines"])
+    assert any(line.startswith(f"lora: {lora} → 2 of 2 keys merged") for line in plan.lines)
+    assert any(line.startswith(f"fast mode: quantization {expected_q}") for line in plan.lines)
     result = pipe.generate(GenerateOptions(**gen_values))
     eff = result.sidecar["effective"]
     assert eff["model_calls_per_chunk"] == [4] and eff["passes_per_step"] == 1 and eff["scheduler"] == "distill4"

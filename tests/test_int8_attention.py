@@ -22,7 +22,8 @@ from infinite_talk.models.int8_attention import reference
 from infinite_talk.models.transformer import first_frame_attention_map
 from infinite_talk.options import LoadOptions
 from infinite_talk.plan.planner import resolve
-from infinite_talk.plan.probe import Kernel, _run_check, probe, simulated
+from infinite_talk.plan.probe import Kernel, _run_check, probe
+from infinite_talk.testing.machines import simulated
 from infinite_talk.testing.two_speaker import first_frame_map_per_head
 
 

@@ -252,12 +252,12 @@ def test_pipeline_applies_lora_and_shows_it_in_the_plan(tmp_path, mode):
     save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": a,
                "diffusion_model.blocks.0.self_attn.q.lora_up.weight": b,
                "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(2.0)}, str(path))
-    assert not any(line.startswith("lora:") for line in plan["lines"])
+    assert not any(line.startswith("lora:") for line in plan.lines)
     plan = pipe.load_models(LoadOptions(preset="tiny", model_precision="fp32", vae_precision="fp32",
                                         lora=[f"{path}:1.5"], lora_mode=mode))
-    line = next(x for x in plan["lines"] if x.startswith("lora:"))
+    line = next(x for x in plan.lines if x.startswith("lora:"))
     assert line == (f"lora: {path} → 3 of 3 keys {mode} (1 modules), strength 1.5, alpha/rank 2/4")
-    assert plan["loras"][0]["applied_keys"] == 3
+    assert plan.loras.reports[0].applied_keys == 3 and plan.as_dict()["loras"][0]["applied_keys"] == 3
     weight = _p(pipe.transformer, "blocks.0.attn1.to_q.weight")
     if mode == "merged":
         torch.testing.assert_close(weight, w0 + 1.5 * 0.5 * (b @ a), atol=1e-6, rtol=0)

@@ -12,6 +12,7 @@ import torch
 
 from infinite_talk.errors import OptionError
 from infinite_talk.models.configs import GEOMETRY_14B, GEOMETRY_TINY
+from infinite_talk.models.placement import Offload
 from infinite_talk.models.quantize import quantize_transformer, weight_bytes
 from infinite_talk.models.transformer import InfiniteTalkTransformer
 from infinite_talk.models.transformer_loading import load_transformer
@@ -19,7 +20,7 @@ from infinite_talk.options import GenerateOptions, LoadOptions
 from infinite_talk.plan import memory
 from infinite_talk.plan.memory import GIB, MemoryModel, Setting, Shape, needed
 from infinite_talk.plan.planner import resolve
-from infinite_talk.plan.probe import simulated
+from infinite_talk.testing.machines import simulated
 
 EXAMPLES = __import__("pathlib").Path(__file__).parent / "data" / "examples"
 SHAPE_480 = Shape(480, 832, 81, 1)
@@ -142,7 +143,8 @@ def test_auto_takes_the_fewest_copies_that_fit(free_gib, quantization):
     free = free_gib * GIB
     est, fits = model.choose(free, SHAPE_480)
     assert fits and needed(est.peak) <= free
-    kind, n = memory.parse_offload(est.setting.offload, 40)
+    placement = Offload.parse(est.setting.offload, 40)
+    kind, n = placement.kind, placement.blocks
     assert kind == "blocks"
     fewer = model.estimate(dataclasses.replace(est.setting, offload=f"blocks:{n - 1}" if n > 1 else "none"),
                            SHAPE_480)
@@ -162,7 +164,7 @@ def test_quantized_transformers_swap_blocks_but_are_never_streamed_leaf_by_leaf(
     assert "sequential" not in offloads and {"none", "blocks:1", "blocks:40"} <= offloads
     flag = {"fp8-storage": "fp8", "int8-weight-only": "int8", "nf4": "nf4"}[quantization]
     plan = resolve(LoadOptions(quantization=flag, offload="blocks:8"), _gpu(23.0))
-    assert plan.offload == "blocks:8"
+    assert plan.offload == Offload("blocks", 8, "compact")  # quantized blocks travel in compact form
     with pytest.raises(OptionError, match=r"^offload=sequential: leaf-level offloading of quantized layers does not "
                                           r"work.*; use --offload blocks:40 \(every block swapped in its compact"):
         resolve(LoadOptions(quantization=flag, offload="sequential"), _gpu(23.0))
@@ -177,11 +179,11 @@ def test_compiled_quantized_blocks_are_never_swapped():
     with pytest.raises(OptionError, match=r"^offload=blocks:8: compiled blocks with swapped quantized weights fail "
                                           r"in torch.compile .*; drop --compile, or use --offload none"):
         resolve(LoadOptions(quantization="int8", offload="blocks:8", compile=True), _gpu(23.0))
-    assert resolve(LoadOptions(offload="blocks:8", compile=True), _gpu(23.0)).offload == "blocks:8"
+    assert resolve(LoadOptions(offload="blocks:8", compile=True), _gpu(23.0)).offload == Offload("blocks", 8, "diffusers")
     plan = resolve(LoadOptions(quantization="int8", compile=True), _gpu(11.25))
-    assert plan.offload == "none"  # does not fit, and says so, rather than swap compiled quantized blocks
+    assert plan.offload.kind == "none"  # does not fit, and says so, rather than swap compiled quantized blocks
     assert plan.options["offload"].reason.startswith("nothing fits the free 11.2 GiB")
-    assert [w for w in plan.memory["warnings"] if "without --compile the int8-weight-only blocks could be swapped "
+    assert [w for w in plan.memory.warnings if "without --compile the int8-weight-only blocks could be swapped "
                                                     "to fit" in w]
 
 
@@ -201,42 +203,42 @@ def test_a_quantized_t5_is_never_streamed():
     model = MemoryModel(GEOMETRY_14B, attention_backend="_native_cudnn", t5_quantization="fp8")
     assert {s.encoders_offloaded for s in model.candidates()} == {False}
     plan = resolve(LoadOptions(t5_quantization="fp8", offload="blocks:20"), _gpu(23.0))
-    assert plan.offload == "blocks:20" and not plan.encoders_offloaded
+    assert plan.offload == Offload("blocks", 20, "diffusers") and not plan.encoders_offloaded
 
 
 def test_plan_lines_show_the_resolved_setting_and_the_copies():
     plan = resolve(LoadOptions(), _gpu(23.0))
     line = next(x for x in plan.lines() if x.startswith("offload: "))
     assert line.startswith("offload: auto → blocks:") and "> free 23.0 GiB with every weight on the GPU" in line
-    assert plan.offload == plan.options["offload"].effective and plan.encoders_offloaded
-    n = int(plan.offload.split(":")[1])
+    assert str(plan.offload) == plan.options["offload"].effective and plan.encoders_offloaded
+    n = plan.offload.blocks
     block_gb = memory.transformer_bytes(GEOMETRY_14B, "bfloat16").blocks[0] / 1e9
-    copies = next(x for x in plan.memory["notes"] if x.startswith(f"{plan.offload} copies"))
+    copies = next(x for x in plan.memory.notes if x.startswith(f"{plan.offload} copies"))
     assert f"({n * block_gb:.1f} GB)" in copies and f"{n * block_gb / 25:.2f} s at 25 GB/s" in copies
-    assert needed(plan.memory["estimate"]["peak_gib"] * GIB) <= 23.01 * GIB
-    assert json.loads(json.dumps(plan.to_dict()))["memory"]["offload"]["effective"] == plan.offload
+    assert needed(plan.memory.estimate.to_dict()["peak_gib"] * GIB) <= 23.01 * GIB
+    assert json.loads(json.dumps(plan.to_dict()))["memory"]["offload"]["effective"] == str(plan.offload) == plan.to_dict()["offload"]
 
 
 def test_everything_stays_on_a_big_gpu():
     plan = resolve(LoadOptions(), _gpu(78.6, (9, 0)))
-    assert (plan.offload, plan.vae_tiling, plan.encoders_offloaded) == ("none", False, False)
+    assert (plan.offload, plan.vae_tiling, plan.encoders_offloaded) == (Offload("none"), False, False)
     assert plan.options["vae_tiling"].effective == "off"
 
 
 def test_explicit_settings_are_kept_and_warned_about():
     plan = resolve(LoadOptions(offload="blocks:2", vae_tiling="off"), _gpu(12.0))
-    assert plan.offload == "blocks:2" and plan.options["offload"].reason.startswith("requested; est. peak")
+    assert str(plan.offload) == "blocks:2" and plan.options["offload"].reason.startswith("requested; est. peak")
     assert not plan.vae_tiling
-    (warning,) = plan.memory["warnings"]
+    (warning,) = plan.memory.warnings
     assert "this may run out of GPU memory" in warning and "would fit" in warning
     plan = resolve(LoadOptions(offload="none", vae_tiling="on"), _gpu(78.6))
-    assert plan.offload == "none" and plan.vae_tiling and not plan.encoders_offloaded
+    assert plan.offload == Offload("none") and plan.vae_tiling and not plan.encoders_offloaded
 
 
 def test_host_memory_shortage_is_a_warning():
     caps = dataclasses.replace(_gpu(23.0), host_ram_available_gib=16.0)
     plan = resolve(LoadOptions(), caps)
-    assert any("of host memory while loading" in w for w in plan.memory["warnings"])
+    assert any("of host memory while loading" in w for w in plan.memory.warnings)
 
 
 def test_suggestions_fit_the_request():
@@ -258,7 +260,7 @@ def test_out_of_memory_in_a_chunk_keeps_the_finished_frames_and_names_a_setting(
     pipe = InfiniteTalkPipeline()
     plan = pipe.load_models(LoadOptions(preset="tiny", model_precision="fp32", vae_precision="fp32",
                                         vae_tiling="on"))
-    assert pipe.vae.model.use_tiling and "vae_tiling: on → on (requested" in "\n".join(plan["lines"])
+    assert pipe.vae.model.use_tiling and "vae_tiling: on → on (requested" in "\n".join(plan.lines)
     # the plan of a 14B model on a 24 GiB GPU with everything on it (which does not fit): the message must offer
     # what the plan offers for this request's frame size
     from infinite_talk.media.frames import FrameSource, bucket_for
@@ -266,7 +268,7 @@ def test_out_of_memory_in_a_chunk_keeps_the_finished_frames_and_names_a_setting(
     first = FrameSource(str(EXAMPLES / "portrait.png")).first_frame()
     h, w = pipe.geometry.frame_size(bucket_for(first.size[1], first.size[0], 480))
     context = MemoryModel(GEOMETRY_14B, attention_backend="_native_cudnn").context(24 * GIB, Setting(), (8, 9))
-    monkeypatch.setitem(pipe.load_plan, "memory", {"context": context})
+    monkeypatch.setattr(pipe.load_plan.memory, "context", context)
     fits = memory.fit_suggestions(context, Shape(h, w, 33, 1))
     assert fits
     calls = {"n": 0}

@@ -20,16 +20,16 @@ from infinite_talk.models.offload import (
     offload_after_use,
     offloaded_blocks,
     offloaded_groups,
-    parse_offload,
     remove_offload,
     swapped_block_indices,
 )
+from infinite_talk.models.placement import Offload
 from infinite_talk.models.quantize import quantize_transformer, weight_bytes
 from infinite_talk.models.transformer import InfiniteTalkTransformer
-from infinite_talk.options import LoadOptions
+from infinite_talk.options import LoadOptions, parse_offload
 from infinite_talk.plan.planner import resolve
-from infinite_talk.plan.probe import simulated
 from infinite_talk.presets.tiny_transformer import random_transformer_inputs
+from infinite_talk.testing.machines import simulated
 
 G6 = dataclasses.replace(GEOMETRY_TINY, dit=dataclasses.replace(GEOMETRY_TINY.dit, num_layers=6))
 
@@ -72,6 +72,16 @@ def test_the_hook_name_is_diffusers_own():
 def test_offload_forms(value, expected):
     assert parse_offload(value) == expected
     assert LoadOptions(offload=value).validate().offload == value
+    if value != "auto":  # the planner's typed setting: parsed once, printed back as the option's text
+        placement = Offload.parse(value, 40, quantization="int8-weight-only")
+        assert (placement.kind, placement.blocks, str(placement)) == (*expected, value)
+        assert placement.swap == ("compact" if expected[0] == "blocks" else "")
+        assert Offload.parse(value, 40).swap == ("diffusers" if expected[0] == "blocks" else "")
+
+
+def test_auto_is_the_planners_to_resolve():
+    with pytest.raises(OptionError, match="'auto' must be resolved by the planner first"):
+        Offload.parse("auto", 40)
 
 
 @pytest.mark.parametrize("value, message", [
@@ -113,7 +123,7 @@ def test_offload_other_than_none_is_refused_without_a_gpu():
                                           "uses device=cpu"):
         resolve(LoadOptions(offload="blocks:2", device="cpu"), simulated("h100"))
     plan = resolve(LoadOptions(offload="auto"), simulated("cpu"))
-    assert plan.offload == "none" and plan.options["offload"].effective == "none"
+    assert plan.offload == Offload("none") and plan.options["offload"].effective == "none"
 
 
 def test_block_swap_hooks_exactly_n_blocks_prefetches_and_keeps_the_output():

@@ -23,7 +23,8 @@ from infinite_talk.options import GenerateOptions, LoadOptions
 from infinite_talk.parallel.launch import World, world_from_env
 from infinite_talk.pipeline import InfiniteTalkPipeline
 from infinite_talk.plan.planner import resolve
-from infinite_talk.plan.probe import probe, simulated
+from infinite_talk.plan.probe import probe
+from infinite_talk.testing.machines import simulated
 
 TESTS = Path(__file__).parent
 EXAMPLES = TESTS / "data" / "examples"

@@ -29,7 +29,7 @@ SHORT_FLAGS = ["--frame-num", "21", "--motion-frames", "5"]
 def pipe(cache):
     p = InfiniteTalkPipeline()
     plan = p.load_models(LoadOptions(preset="tiny", model_precision="fp32", vae_precision="fp32"))
-    assert plan["geometry"] == "tiny"
+    assert plan.geometry.name == "tiny" and plan.as_dict()["geometry"] == "tiny"
     return p
 
 

@@ -13,7 +13,9 @@ from infinite_talk.errors import OptionError
 from infinite_talk.options import LoadOptions
 from infinite_talk.plan.doctor import doctor_report, main, option_rows
 from infinite_talk.plan.planner import ATTENTION_BACKENDS, DTYPES, Plan, resolve
-from infinite_talk.plan.probe import KERNELS, SIMULATED, Capabilities, Kernel, probe, simulated
+from infinite_talk.plan.probe import KERNELS, Capabilities, Kernel, probe
+from infinite_talk.testing.machines import SIMULATED, simulated
+from infinite_talk.testing.machines import main as machines_main
 
 FIELDS = ("model_precision", "vae_precision", "quantization", "t5_quantization", "attention")
 CHOICES = {f.name: f.metadata["choices"] for f in dataclasses.fields(LoadOptions) if f.name in FIELDS}
@@ -356,11 +358,13 @@ def test_doctor_report_and_main(capsys):
     rows = option_rows(simulated("h100"))
     assert len(rows) == sum(len(CHOICES[f]) for f in FIELDS)
     assert ("attention=sageattn_3", "refused", f"{NEED_SA3}; this machine has {H100}") in rows
-    assert main(["--simulate", "cpu"]) == 0
+    assert machines_main(["cpu"]) == 0
     assert "GPU:      none (CPU only)" in capsys.readouterr().out
-    assert main(["--json", "--simulate", "rtx5090"]) == 0
+    assert machines_main(["--json", "rtx5090"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["capabilities"]["gpus"][0]["capability"] == [12, 0]
+    assert main(["--json"]) == 0  # the doctor itself shows this machine only
+    assert json.loads(capsys.readouterr().out)["capabilities"]["simulated"] is None
 
 
 def test_a_kernel_that_passed_only_for_bf16_is_not_used_for_fp16():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from infinite_talk.errors import OptionError
+from infinite_talk.loading import LoadedPlan
 from infinite_talk.models.configs import GEOMETRY_TINY as G
 from infinite_talk.models.quantize import quantize_text_encoder, quantize_transformer, weight_bytes
 from infinite_talk.models.transformer_loading import load_transformer_from_state_dict, state_dict_in_original_layout
@@ -32,9 +33,9 @@ def _block_linear_weights(model):
             f".{name}"]
 
 
-def _assert_took_effect(pipe: InfiniteTalkPipeline, field: str, value: str, plan: dict) -> None:
+def _assert_took_effect(pipe: InfiniteTalkPipeline, field: str, value: str, plan: LoadedPlan) -> None:
     """The resolved value is visible in the loaded models themselves, not only in the plan."""
-    effective = plan["options"][field]["effective"]
+    effective = plan.plan.options[field].effective
     block = pipe.transformer.blocks[0]
     if field == "model_precision":
         assert block.attn1.to_q.weight.dtype == TORCH_DTYPES[value]
@@ -50,7 +51,7 @@ def _assert_took_effect(pipe: InfiniteTalkPipeline, field: str, value: str, plan
         assert kinds == ({"Parameter"} if value == "disabled" else {"Float8Tensor"}), kinds
     elif field == "attention":
         for module in (block.attn1.processor, block.attn2.processor, block.audio_cross_attn):
-            assert module._attention_backend.value == plan["attention_backend"]
+            assert module._attention_backend.value == plan.plan.attention_backend
     # and one real forward runs with it
     inputs = random_transformer_inputs(G, dtype=pipe.transformer.blocks[0].attn1.to_q.bias.dtype)
     with torch.inference_mode():
@@ -83,7 +84,7 @@ def test_option_matrix_each_value_runs_or_is_refused_with_the_plan_reason():
                 continue
             plan = pipe.load_models(options)
             _assert_took_effect(pipe, f.name, value, plan)
-            outcomes[(f.name, value)] = plan["options"][f.name]["effective"]
+            outcomes[(f.name, value)] = plan.plan.options[f.name].effective
     if not torch.cuda.is_available():  # what this CPU machine must answer
         assert outcomes[("quantization", "fp8")] == "fp8-storage"
         assert outcomes[("quantization", "int8")] == "int8-weight-only"
@@ -126,7 +127,7 @@ def test_quantization_refuses_unknown_modes(original_state):
     model = load_transformer_from_state_dict(original_state, G, torch.float32)
     with pytest.raises(OptionError, match="quantization mode 'fp4_scaled' is not one of"):
         quantize_transformer(model, "fp4_scaled", "cpu")
-    with pytest.raises(OptionError, match="t5_quantization='nf4': choose disabled or fp8"):
+    with pytest.raises(OptionError, match="t5_quantization=.nf4.: the plan resolves disabled or fp8-storage"):
         quantize_text_encoder(torch.nn.Linear(4, 4), "nf4")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -156,7 +157,7 @@ def test_openapi_fuzzing_finds_no_server_error(case):
 class StubPipeline:
     """Stands in for the models: fails the way it is told, or 'finishes' writing nothing."""
 
-    load_plan = {"lines": ["device: cpu"]}
+    load_plan = SimpleNamespace(lines=["device: cpu"])  # a LoadedPlan's lines
     peers = None
 
     def __init__(self, outcomes):

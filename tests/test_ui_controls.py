@@ -9,8 +9,8 @@ import pytest
 
 from infinite_talk.errors import InputError, NotLoadedError, OptionError
 from infinite_talk.options import GenerateOptions, LoadOptions
-from infinite_talk.pipeline import InfiniteTalkPipeline
-from infinite_talk.plan.probe import simulated
+from infinite_talk.request_plan import plan_request
+from infinite_talk.testing.machines import simulated
 from infinite_talk.ui import app
 from infinite_talk.ui import controls as C
 
@@ -153,17 +153,16 @@ def test_missing_inputs_are_named_as_on_the_page():
 
 # ---- texts -------------------------------------------------------------------------------------------------------
 def test_plan_box_counts_steps_passes_chunks_and_calls():
-    pipe = InfiniteTalkPipeline()
-    plan = pipe.plan_request(GenerateOptions(steps=4, text_scale=1.0, audio_scale=1.0), audio_frames=200)
+    plan = plan_request(GenerateOptions(steps=4, text_scale=1.0, audio_scale=1.0), audio_frames=200).as_dict()
     text = C.plan_box_text(plan)
     assert "steps that run: 4" in text and "passes per step: 1 (cond;" in text
     assert "chunks: 3 → 200 frames, 8.00 s" in text and "model calls: 12 (3 chunks × 4 steps × 1 passes)" in text
-    no_audio = C.plan_box_text(pipe.plan_request(GenerateOptions(steps=7)))
+    no_audio = C.plan_box_text(plan_request(GenerateOptions(steps=7)).as_dict())
     assert "known once speaker 1's audio is uploaded; model calls per chunk: 21" in no_audio
 
 
 def test_time_estimate_comes_from_the_last_run_at_the_same_size():
-    plan = InfiniteTalkPipeline().plan_request(GenerateOptions(steps=4), audio_frames=200)  # 3 chunks, 36 calls
+    plan = plan_request(GenerateOptions(steps=4), audio_frames=200).as_dict()  # 3 chunks, 36 calls
     assert "first run" in C.time_estimate(plan, None)
     assert "first run" in C.time_estimate(plan, {"size": 720, "s_per_call": 1.0, "s_per_chunk": 1.0})
     text = C.time_estimate(plan, {"size": 480, "s_per_call": 2.0, "s_per_chunk": 3.0})

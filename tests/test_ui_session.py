@@ -15,8 +15,8 @@ import soundfile as sf
 from infinite_talk.errors import CheckpointError, NotLoadedError
 from infinite_talk.media.mp4 import probe_media
 from infinite_talk.options import GenerateOptions, LoadOptions
-from infinite_talk.plan.probe import simulated
 from infinite_talk.service import live as live_module
+from infinite_talk.testing.machines import simulated
 from infinite_talk.ui import controls as C
 from infinite_talk.ui import jobs as J
 from infinite_talk.ui.session import BusyError, Studio, audio_frames

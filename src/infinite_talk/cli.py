@@ -102,19 +102,20 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         check_model_source(load)  # no models here and no way to download them: say so before any loading
     from .pipeline import InfiniteTalkPipeline
     from .presets.fast import plan_lines as mode_lines
+    from .request_plan import plan_request
 
     pipe = InfiniteTalkPipeline()
     if ns.dry_run:
-        print(json.dumps({**pipe.plan_request(request), "mode_lines": mode_lines(load, request)}, indent=2))
+        print(json.dumps({**plan_request(request).as_dict(), "mode_lines": mode_lines(load, request)}, indent=2))
         return 0
     try:
         plan = pipe.load_models(load, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
         print("plan:", file=sys.stderr)
-        for line in plan.get("lines", []):
+        for line in plan.lines:
             print("  " + line, file=sys.stderr)
         for line in mode_lines(load, request, sampling_only=True):
             print("  " + line, file=sys.stderr)
-        for note in plan.get("notes", []):
+        for note in plan.notes:
             print("note: " + note, file=sys.stderr)
         result = pipe.generate(request, progress=_progress_printer(), checked=checked)
     finally:

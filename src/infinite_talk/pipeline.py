@@ -19,26 +19,28 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import CancelledError, InputError, Interrupted, NotLoadedError, OptionError
-from .loading import load_planned_transformer, refuse_double_quantization, resolve_model_files
-from .media.audio import load_audio, load_audio_original, loudness_normalize
+from .errors import CancelledError, InputError, Interrupted, NotLoadedError
+from .loading import LoadedModels, LoadedPlan, load_models, refuse_double_quantization, resolve_model_files
 from .media.color import ColorMatcher, color_correct
 from .media.frames import FrameSource, bucket_for, person_masks, resize_and_centercrop
 from .media.frames_hash import FramesHash, hashed
-from .media.mp4 import Mp4Writer, frames_to_uint8, soundtrack_rate
+from .media.mp4 import Mp4Writer, frames_to_uint8
 from .media.request_check import CheckedRequest, check_request
+from .media.tracks import speaker_tracks
 from .model_files import ModelFiles
 from .models.configs import Geometry
+from .models.offload import release
 from .options import GenerateOptions, LoadOptions, to_dict
-from .parallel.launch import PeerError
-from .presets.fast import plan_lines as fast_mode_lines
-from .sampling.guidance import passes_for
+from .parallel.launch import PeerError, bind_device, raise_on_sigterm, start_group, stop_group, world_from_env
+from .parallel.peers import Leader
+from .plan.memory import out_of_memory_error
+from .plan.planner import resolve
+from .plan.probe import probe
+from .request_plan import check_resumable, plan_request
 from .sampling.loop import ChunkLoop, Conditioning
-from .sampling.schedules import describe as describe_sampler
 from .sampling.schedules import make_sampler
-from .sampling.step_cache import describe as describe_step_cache
 from .sampling.step_cache import make_step_cache
-from .sampling.windows import FPS, plan_chunks
+from .sampling.windows import FPS
 
 
 @dataclass
@@ -70,85 +72,52 @@ class ChunkState:
 
 
 class InfiniteTalkPipeline:
-    """Holds the loaded models; `generate` may be called any number of times."""
+    """Generation with loaded models; `generate` may be called any number of times.
 
-    def __init__(self):
-        self.transformer = self.vae = self.text_encoder = self.image_encoder = self.audio_encoder = None
-        self.load_options: LoadOptions | None = None
-        self.load_plan: dict | None = None
-        self.files: ModelFiles | None = None
-        self.geometry: Geometry | None = None
-        self.device = torch.device("cpu")
+    Given its components (`loading.load_models` makes them, as `LoadedModels`), or empty and filled by
+    `load_models(options)`, the convenience the CLI, UI and service use."""
+
+    def __init__(self, transformer=None, vae=None, text_encoder=None, image_encoder=None, audio_encoder=None,
+                 load_plan: LoadedPlan | None = None):
+        self._hold(transformer, vae, text_encoder, image_encoder, audio_encoder, load_plan)
         self.peers = None  # parallel.peers.Leader when this is rank 0 of a multi-process (torchrun) job
+
+    def _hold(self, transformer, vae, text_encoder, image_encoder, audio_encoder, load_plan: LoadedPlan | None):
+        self.transformer, self.vae = transformer, vae
+        self.text_encoder, self.image_encoder, self.audio_encoder = text_encoder, image_encoder, audio_encoder
+        self.load_plan = load_plan
+        self.load_options: LoadOptions | None = load_plan.options if load_plan else None
+        self.files: ModelFiles | None = load_plan.files if load_plan else None
+        self.geometry: Geometry | None = load_plan.geometry if load_plan else None
+        self.device = load_plan.device if load_plan else torch.device("cpu")
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModels) -> InfiniteTalkPipeline:
+        return cls(loaded.transformer, loaded.vae, loaded.text_encoder, loaded.image_encoder, loaded.audio_encoder,
+                   loaded.report)
 
     # ------------------------------------------------------------------------------------------------- loading
 
-    def load_models(self, options: LoadOptions, progress: Callable[[str], None] | None = None) -> dict:
-        """Resolve the plan (refusing what cannot run), find and validate every file, then load the models."""
-        from .parallel.launch import bind_device, world_from_env
-        from .plan.planner import resolve
-        from .plan.probe import probe
-
+    def load_models(self, options: LoadOptions, progress: Callable[[str], None] | None = None) -> LoadedPlan:
+        """Resolve the plan (refusing what cannot run), find and validate every file, then load the models
+        (loading.py) and hold them. Returns what was loaded and how."""
         options.validate()
         say = progress or (lambda msg: None)
         world = world_from_env()
         bind_device(world)  # torchrun: this process's GPU before the probe touches CUDA
         plan = resolve(options, probe(), world)
-        device = torch.device(plan.device)
         parallel = self._join_processes(world, plan) if plan.world_size > 1 else None
         files, geometry = resolve_model_files(options, say)
         if self.peers is not None:
             self.peers.files_ready(to_dict(options))  # the other processes load their transformer now
         refuse_double_quantization(plan, files)
-
-        from .models.audio_encoder import load_audio_encoder
-        from .models.image_encoder import load_image_encoder
-        from .models.offload import apply_sequential, offload_after_use
-        from .models.quantize import quantize_text_encoder
-        from .models.text_encoder import load_text_encoder
-        from .models.vae import load_vae
-
-        host = torch.device("cpu")
-        transformer, loras, quantization, offload = load_planned_transformer(plan, options, files, geometry, say,
-                                                                             parallel)
-        say("loading VAE")
-        vae = load_vae(files.vae, geometry, device=device, dtype=plan.vae_torch_dtype, tiling=plan.vae_tiling)
-        say("loading text encoder")
-        encoder_device = host if plan.encoders_offloaded else device  # then they visit the GPU only to encode
-        # an fp8 T5 is quantized in host memory, then moved: the GPU never holds its 11 GB of bf16 weights
-        t5_device = host if options.t5_quantization != "disabled" else encoder_device
-        text_encoder = load_text_encoder(files.t5, files.t5_tokenizer, geometry, device=t5_device,
-                                         dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
-        t5_quantization = quantize_text_encoder(text_encoder.model, options.t5_quantization)
-        text_encoder.model.to(encoder_device)  # (the memory plan never offloads a quantized T5)
-        say("loading image encoder")
-        image_encoder = load_image_encoder(files.clip, geometry, device=encoder_device,
-                                           dtype=torch.float32 if device.type == "cpu" else torch.float16)
-        if plan.encoders_offloaded:
-            apply_sequential(text_encoder.model, device)  # T5 streamed layer by layer (largest: its embedding)
-            offload_after_use(image_encoder.model, device)
-        say("loading audio encoder")
-        audio_encoder = load_audio_encoder(files.wav2vec, geometry, device="cpu", dtype=torch.float32)
-
-        self.transformer, self.vae = transformer, vae
-        self.text_encoder, self.image_encoder, self.audio_encoder = text_encoder, image_encoder, audio_encoder
-        self.load_options, self.files, self.geometry, self.device = options, files, geometry, device
-        self.load_plan = plan.to_dict()
-        self.load_plan["lines"] = plan.lines() + loras.lines + fast_mode_lines(options, caps=probe())
-        self.load_plan["loras"] = loras.as_dict()
-        self.load_plan["files"] = files.as_dict()
-        self.load_plan["offload_report"] = offload
-        self.load_plan["geometry"] = geometry.name
-        self.load_plan["quantization_report"] = {"transformer": quantization, "t5": t5_quantization}
-        self.load_plan["notes"] = [n for n in (getattr(audio_encoder, "warning", None),) if n]
-        self.load_plan["notes"] += [*plan.memory.get("warnings", ()), *plan.memory.get("notes", ())]
-        return self.load_plan
+        loaded = load_models(plan, options, files, geometry, say, parallel)
+        self._hold(loaded.transformer, loaded.vae, loaded.text_encoder, loaded.image_encoder, loaded.audio_encoder,
+                   loaded.report)
+        return loaded.report
 
     def _join_processes(self, world, plan):
         """Rank 0 of a torchrun job: join the process group; the other processes follow (parallel/peers.py)."""
-        from .parallel.launch import raise_on_sigterm, start_group
-        from .parallel.peers import Leader
-
         if self.peers is None:
             parallel = start_group(world, plan)
             self.peers = Leader(world, parallel)
@@ -161,8 +130,6 @@ class InfiniteTalkPipeline:
 
     def release_processes(self) -> None:
         """Multi-process job: tell the other processes that the job is over (they exit), and leave the group."""
-        from .parallel.launch import stop_group
-
         if self.peers is not None:
             if self.peers.close():
                 stop_group(leader=True)
@@ -174,70 +141,7 @@ class InfiniteTalkPipeline:
             if getattr(self, name) is None:
                 raise NotLoadedError(f"{label} is not loaded — load models first")
 
-    # ------------------------------------------------------------------------------------------------ planning
-
-    def plan_request(self, request: GenerateOptions, audio_frames: int | None = None) -> dict:
-        """What `generate` will run for this request: scheduler, real steps, passes, chunks (if the length is known)."""
-        request.validate()
-        sampler = describe_sampler(request.scheduler, request.steps, request.effective_shift)
-        passes = passes_for(request.text_scale, request.audio_scale)
-        cache_plan = describe_step_cache(request.step_cache, request.cache_threshold, request.size, sampler.steps)
-        out = {
-            "scheduler": sampler.as_dict(),
-            "steps": sampler.steps,
-            "passes_per_step": len(passes),
-            "passes": passes,
-            "shift": request.effective_shift,
-            "text_scale": request.text_scale,
-            "audio_scale": request.audio_scale,
-            "apg": request.use_apg,
-            "color_correction": request.effective_color_correction,
-            "size": request.size,
-            "max_seconds": request.max_seconds,
-            "step_cache": cache_plan.as_dict() if cache_plan else None,
-            "mode_lines": fast_mode_lines(self.load_options, request, sampling_only=True),
-        }
-        if audio_frames is not None:
-            max_frames = None if request.max_seconds is None else max(1, int(round(request.max_seconds * FPS)))
-            chunks = plan_chunks(audio_frames, max_frames, request.frame_num, request.motion_frames)
-            out["chunks"] = chunks.as_dict()
-            out["model_calls"] = chunks.num_chunks * sampler.steps * len(passes)
-        return out
-
     # ---------------------------------------------------------------------------------------------- generation
-
-    def _audio_tracks(self, request: GenerateOptions, checked: CheckedRequest
-                      ) -> tuple[list[np.ndarray], tuple[np.ndarray, int], dict]:
-        """16 kHz loudness-normalised model tracks per person, the soundtrack to mux (1 or 2 channels at a rate AAC
-        takes), and what became of the soundtrack (for the sidecar)."""
-        paths = [request.audio] + ([request.audio2] if request.audio2 else [])
-        raw = [load_audio(p) for p in paths]
-        tracks = [loudness_normalize(w) for w in raw]
-        if len(tracks) == 1:
-            info = checked.audio[0]
-            samples, rate = load_audio_original(request.audio, soundtrack_rate(info.rate))
-            record = {"source_channels": info.channels, "source_rate": info.rate, "channels": samples.shape[0],
-                      "rate": rate}
-            if info.channels > 2:
-                record["note"] = f"{info.channels} channels averaged to mono (as the model hears them)"
-            if rate != info.rate:
-                record["rate_note"] = f"resampled from {info.rate} Hz: AAC does not take that rate"
-            return tracks, (samples, rate), record
-        a, b = tracks
-        ra, rb = raw
-        if request.audio_mode == "para":  # D6: pad the shorter track instead of failing
-            n = max(len(a), len(b))
-            tracks = [np.pad(a, (0, n - len(a))), np.pad(b, (0, n - len(b)))]
-            mix = np.pad(ra, (0, n - len(ra))) + np.pad(rb, (0, n - len(rb)))
-        else:  # add: speaker 1 then speaker 2, each silent while the other speaks
-            tracks = [np.concatenate([a, np.zeros_like(b)]), np.concatenate([np.zeros_like(a), b])]
-            mix = np.concatenate([ra, rb])
-        peak = float(np.abs(mix).max()) if mix.size else 0.0
-        if peak > 1.0:
-            mix = mix / peak
-        record = {"source_channels": [a.channels for a in checked.audio], "channels": 1, "rate": 16000,
-                  "note": f"the two speakers mixed to mono at 16 kHz ({request.audio_mode})"}
-        return tracks, (mix[None].astype(np.float32), 16000), record
 
     def generate(
         self,
@@ -256,44 +160,89 @@ class InfiniteTalkPipeline:
         checking again when it matches, else the request is checked here."""
         request.validate()
         self._require_models()
+        self._start_peers(request)
+        checked = _checked_again_unless_same(request, checked, checkpoint=on_checkpoint is not None)
+        checked.out.parent.mkdir(parents=True, exist_ok=True)
+        timings: dict[str, float] = {}
+        started = time.monotonic()
+        seed = _seed_for(request, resume, checkpointed=on_checkpoint is not None or resume is not None)
+        inputs = self._prepare_inputs(request, checked, timings)
+        embeddings = self._embed_audio(request, inputs.tracks, timings)
+        plan = plan_request(request, embeddings[0].shape[0], self.load_options)
+        chunks = plan.chunks_for([e.shape[0] for e in embeddings])
+        prompts = self._encode_prompts(request, timings)
+        loop, cond = self._chunk_loop(request, inputs, embeddings, prompts, chunks)
+        generator = torch.Generator().manual_seed(seed)
+        sink = _FrameSink(Mp4Writer(checked.out, fps=FPS, audio=inputs.soundtrack), chunks, loop, generator, seed,
+                          request.motion_frames, on_chunk, on_checkpoint)
+        if resume is not None:  # frames_sha256 covers the earlier chunks too, as the job service computes it
+            resume = dataclasses.replace(resume, earlier_frames=hashed(resume.earlier_frames or (), sink.digest))
+
+        outcome = _Outcome()
+        t = time.monotonic()
+        try:
+            self._sample(chunks, cond, loop, generator, sink, resume, progress, should_stop, outcome)
+        except CancelledError as err:
+            outcome.status, outcome.error = "cancelled", str(err)
+        except PeerError as err:  # another process of the torchrun job failed; raised below with the frames kept
+            outcome.status, outcome.error, outcome.peer_error = "failed", str(err), err
+        except torch.OutOfMemoryError:  # = torch.cuda.OutOfMemoryError; raised below, after the sidecar is written
+            outcome.out_of_memory = self._out_of_memory(request, inputs.target, inputs.persons, chunks, loop,
+                                                        sink.frames, checked.out)
+            outcome.status, outcome.error = "failed", str(outcome.out_of_memory)
+        except KeyboardInterrupt:  # Ctrl-C: the finished frames are kept; raised below as Interrupted
+            outcome.status, outcome.error, outcome.interrupted = "interrupted", "interrupted (Ctrl-C / SIGINT)", True
+        except BaseException as err:
+            outcome.status, outcome.error, outcome.failure = "failed", f"{type(err).__name__}: {err}", err
+            raise
+        finally:
+            timings["sampling_s"] = time.monotonic() - t
+            self._close_run(request, checked, inputs, plan, chunks, loop, sink, seed, prompts, outcome, timings,
+                            started)
+        _raise_for(outcome, checked.out)
+        return GenerateResult(checked.out, outcome.sidecar_path, sink.frames, sink.frames / FPS, seed,
+                              outcome.sidecar)
+
+    # steps of `generate`, in order
+
+    def _start_peers(self, request: GenerateOptions) -> None:
+        """A torchrun job: the other processes check the request and get ready for its transformer calls."""
         if self.peers is not None:
             self.peers.check_request(request)
             self.peers.start_run()
-        checkpoint = on_checkpoint is not None
-        if checked is None or checked.request != request or checked.checkpoint != checkpoint:
-            checked = check_request(request, checkpoint=checkpoint)
-        out_path = checked.out
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        timings: dict[str, float] = {}
-        started = time.monotonic()
-        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-        if on_checkpoint is not None or resume is not None:
-            seed = check_resumable(request, resume, seed)
 
+    def _prepare_inputs(self, request: GenerateOptions, checked: CheckedRequest, timings: dict) -> _Inputs:
+        """The reference at the bucket's frame size, the speakers' model tracks, the soundtrack, the person masks."""
         t = time.monotonic()
         source = FrameSource(request.image or request.video)
         first = source.first_frame()
         target = self.geometry.frame_size(bucket_for(first.size[1], first.size[0], request.size))
         reference = resize_and_centercrop(first, target)
-        tracks, soundtrack, soundtrack_record = self._audio_tracks(request, checked)
-        persons = len(tracks)
-        masks = person_masks(first.size[1], first.size[0], target, persons, request.bbox)
+        tracks, soundtrack, soundtrack_record = speaker_tracks(request, checked)
+        masks = person_masks(first.size[1], first.size[0], target, len(tracks), request.bbox)
         timings["inputs_s"] = time.monotonic() - t
+        return _Inputs(source, target, reference, tracks, soundtrack, soundtrack_record, masks)
 
+    def _embed_audio(self, request: GenerateOptions, tracks: list[np.ndarray], timings: dict) -> list[torch.Tensor]:
+        """wav2vec2 features per speaker, one row per 25 fps frame."""
         t = time.monotonic()
         embeddings = [self.audio_encoder.embed(w).float() for w in tracks]
         if min(e.shape[0] for e in embeddings) < 1:
             raise InputError(f"{request.audio}: the audio is shorter than one video frame (40 ms); give longer speech")
         timings["audio_encoder_s"] = time.monotonic() - t
+        return embeddings
 
-        plan_info = self.plan_request(request, embeddings[0].shape[0])
-        max_frames = None if request.max_seconds is None else max(1, int(round(request.max_seconds * FPS)))
-        chunks = plan_chunks([e.shape[0] for e in embeddings], max_frames, request.frame_num, request.motion_frames)
-
+    def _encode_prompts(self, request: GenerateOptions, timings: dict) -> _Prompts:
         t = time.monotonic()
-        prompt_ctx, negative_ctx = self.text_encoder.encode([request.prompt, request.negative_prompt])
-        prompt_tokens = self.text_encoder.token_report(request.prompt, request.negative_prompt)
+        positive, negative = self.text_encoder.encode([request.prompt, request.negative_prompt])
+        tokens = self.text_encoder.token_report(request.prompt, request.negative_prompt)
         timings["text_encoder_s"] = time.monotonic() - t
+        return _Prompts(positive, negative, tokens)
+
+    def _chunk_loop(self, request: GenerateOptions, inputs: _Inputs, embeddings, prompts: _Prompts,
+                    chunks) -> tuple[ChunkLoop, Conditioning]:
+        """The sampling loop over the chunks, and what conditions every chunk (prompts, audio, masks, keyframes)."""
+        source, target, reference = inputs.source, inputs.target, inputs.reference
 
         def keyframe(k: int):
             if not source.is_video:
@@ -304,7 +253,7 @@ class InfiniteTalkPipeline:
 
         strength = request.effective_color_correction
         matcher = ColorMatcher(reference) if strength > 0 else None
-        cond = Conditioning(prompt_ctx, negative_ctx, embeddings, masks, keyframe,
+        cond = Conditioning(prompts.positive, prompts.negative, embeddings, inputs.masks, keyframe,
                             reference if matcher is not None else None, strength)
         loop = ChunkLoop(
             self.transformer, self.vae, self.image_encoder,
@@ -315,80 +264,37 @@ class InfiniteTalkPipeline:
             step_cache=make_step_cache(self.transformer, request.step_cache, request.cache_threshold, request.size),
             peers=self.peers,
         )
-        generator = torch.Generator().manual_seed(seed)
-        written = {"frames": 0}
-        writer = Mp4Writer(out_path, fps=FPS, audio=soundtrack)
-        digest = FramesHash()  # frames_sha256, as the job service computes it (earlier chunks of a resume included)
+        return loop, cond
+
+    def _sample(self, chunks, cond, loop, generator, sink, resume, progress, should_stop, outcome) -> None:
+        """Run the chunks, from where `resume` left off (`outcome.start_chunk`)."""
+        context = None
         if resume is not None:
-            resume = dataclasses.replace(resume, earlier_frames=hashed(resume.earlier_frames or (), digest))
+            outcome.start_chunk, context = _resume_into(resume, chunks, generator, loop, sink)
+        with torch.inference_mode():
+            loop.run(chunks, cond, generator, on_frames=sink, progress=progress, should_stop=should_stop,
+                     start_chunk=outcome.start_chunk, context_frames=context)
 
-        def on_frames(k: int, video: torch.Tensor) -> None:
-            keep = min(video.shape[1], chunks.num_frames - written["frames"])
-            frames = frames_to_uint8(video[:, :keep])
-            writer.append(frames)
-            digest.update(frames)
-            written["frames"] += keep
-            if on_chunk is not None:
-                on_chunk(k, frames.numpy() if isinstance(frames, torch.Tensor) else frames)
-            if on_checkpoint is not None:  # video ends with the next chunk's context (stride ≥ motion_frames)
-                stats = {**dataclasses.asdict(loop.stats), "chunks_done": k + 1}
-                on_checkpoint(ChunkState(k + 1, chunks.num_chunks, seed, written["frames"], generator.get_state(),
-                                         video[:, -request.motion_frames:][None].clone(), stats),
-                              frames.numpy() if isinstance(frames, torch.Tensor) else frames)
-
-        status, error, out_of_memory, peer_error, interrupted, failure = "completed", None, None, None, False, None
-        t = time.monotonic()
-        start_chunk, context = 0, None
-        try:
-            if resume is not None:
-                start_chunk, context = _resume_into(resume, chunks, generator, loop, writer, written)
-            with torch.inference_mode():
-                loop.run(chunks, cond, generator, on_frames=on_frames, progress=progress, should_stop=should_stop,
-                         start_chunk=start_chunk, context_frames=context)
-        except CancelledError as err:
-            status, error = "cancelled", str(err)
-        except PeerError as err:  # another process of the torchrun job failed; raised below with the frames kept
-            status, error, peer_error = "failed", str(err), err
-        except torch.OutOfMemoryError:  # = torch.cuda.OutOfMemoryError; raised below, after the sidecar is written
-            out_of_memory = self._out_of_memory(request, target, persons, chunks, loop, written["frames"], out_path)
-            status, error = "failed", str(out_of_memory)
-        except KeyboardInterrupt:  # Ctrl-C: the finished frames are kept; raised below as Interrupted
-            status, error, interrupted = "interrupted", "interrupted (Ctrl-C / SIGINT)", True
-        except BaseException as err:
-            status, error, failure = "failed", f"{type(err).__name__}: {err}", err
-            raise
-        finally:
-            timings["sampling_s"] = time.monotonic() - t
-            video_error = _finish_video(writer, written["frames"])
-            kept = _kept_text(written["frames"], out_path, video_error)
-            if failure is not None:
-                failure.add_note(kept)
-            elif video_error is not None:
-                status, error = "failed", f"the video could not be finished: {video_error}"
-            timings["total_s"] = time.monotonic() - started
-            sidecar = self._sidecar(request, seed, plan_info, chunks, loop, timings, status, error, written["frames"],
-                                    source, persons, target, checked, soundtrack_record, prompt_tokens)
-            sidecar["output"]["frames_sha256"] = digest.hexdigest()
-            sidecar["output"]["video_saved"] = bool(written["frames"]) and video_error is None
-            if start_chunk:
-                sidecar["output"]["resumed_from_chunk"] = start_chunk
-            sidecar_path = out_path.with_suffix(".json")
-            sidecar_error = _write_sidecar(sidecar_path, sidecar)
-        if sidecar_error is not None:
-            raise InputError(f"{sidecar_path}: the run's record could not be written ({sidecar_error}); {kept}")
-        if interrupted:
-            raise Interrupted(f"{error}; {kept}; the record is in {sidecar_path}")
-        if status == "cancelled":
-            raise CancelledError(f"{error}; {kept}")
-        if out_of_memory is not None:  # raised outside the except clause: the failed call's tensors are freed
-            if video_error is not None:
-                out_of_memory.add_note(kept)
-            raise out_of_memory
-        if peer_error is not None:
-            raise PeerError(f"{peer_error}; {kept}")
-        if video_error is not None:
-            raise InputError(f"{out_path}: {kept}; the record is in {sidecar_path}")
-        return GenerateResult(out_path, sidecar_path, written["frames"], written["frames"] / FPS, seed, sidecar)
+    def _close_run(self, request, checked, inputs, plan, chunks, loop, sink, seed, prompts, outcome, timings,
+                   started) -> None:
+        """Finish the mp4 (or drop it when no frame was made) and write the run's record next to it, whatever
+        happened; `outcome` gets what the caller must raise."""
+        outcome.video_error = _finish_video(sink.writer, sink.frames)
+        outcome.kept = _kept_text(sink.frames, checked.out, outcome.video_error)
+        if outcome.failure is not None:
+            outcome.failure.add_note(outcome.kept)
+        elif outcome.video_error is not None:
+            outcome.status, outcome.error = "failed", f"the video could not be finished: {outcome.video_error}"
+        timings["total_s"] = time.monotonic() - started
+        sidecar = self._sidecar(request, seed, plan.as_dict(), chunks, loop, timings, outcome.status, outcome.error,
+                                sink.frames, inputs.source, inputs.persons, inputs.target, checked,
+                                inputs.soundtrack_record, prompts.tokens)
+        sidecar["output"]["frames_sha256"] = sink.digest.hexdigest()
+        sidecar["output"]["video_saved"] = bool(sink.frames) and outcome.video_error is None
+        if outcome.start_chunk:
+            sidecar["output"]["resumed_from_chunk"] = outcome.start_chunk
+        outcome.sidecar, outcome.sidecar_path = sidecar, checked.out.with_suffix(".json")
+        outcome.sidecar_error = _write_sidecar(outcome.sidecar_path, sidecar)
 
     def _sidecar(self, request, seed, plan_info, chunks, loop, timings, status, error, frames, source, persons,
                  target, checked, soundtrack, prompt_tokens) -> dict:
@@ -401,10 +307,10 @@ class InfiniteTalkPipeline:
             "seed": seed,
             "speakers": persons,
             "resolution": list(target),
-            **{name: (self.load_plan or {}).get("options", {}).get(name, {}).get("effective")
-               for name in ("model_precision", "vae_precision", "quantization", "attention", "device", "offload",
-                            "vae_tiling", "sequence_parallel")},
-            "attention_backend": (self.load_plan or {}).get("attention_backend"),
+            **{name: self._effective(name) for name in ("model_precision", "vae_precision", "quantization",
+                                                         "attention", "device", "offload", "vae_tiling",
+                                                         "sequence_parallel")},
+            "attention_backend": self.load_plan.plan.attention_backend if self.load_plan else None,
             "model_calls": loop.stats.model_calls,
             "model_calls_per_chunk": loop.stats.calls_per_chunk,
             "cache_skips": sum(loop.stats.cache_skips_per_chunk),
@@ -425,7 +331,7 @@ class InfiniteTalkPipeline:
             "requested": requested,
             "effective": effective,
             "load": {"requested": to_dict(self.load_options) if self.load_options else None,
-                     "effective": self.load_plan},
+                     "effective": self.load_plan.as_dict() if self.load_plan else None},
             "output": {"frames": frames, "fps": FPS, "duration_s": frames / FPS,
                        "planned_frames": chunks.num_frames, "chunks_done": loop.stats.chunks_done,
                        "chunks": chunks.num_chunks},
@@ -434,20 +340,23 @@ class InfiniteTalkPipeline:
             "versions": _versions(),
         }
 
+    def _effective(self, option: str) -> str | None:
+        """What the loaded models run for a load option (the plan's `effective`)."""
+        resolved = self.load_plan.plan.options.get(option) if self.load_plan else None
+        return resolved.effective if resolved else None
+
     def _out_of_memory(self, request, target, persons, chunks, loop, frames_done, out_path):
         """The GPU ran out of memory in a chunk: swapped weights go back to host memory, and the error names a
         setting the memory plan estimates to fit (plan/memory.py)."""
-        from .models.offload import release
-        from .plan.memory import out_of_memory_error
-
         release(self.transformer)
-        return out_of_memory_error(self.load_plan, target, request.frame_num, persons, loop.stats.chunks_done + 1,
+        return out_of_memory_error(self.load_plan.memory if self.load_plan else None, target, request.frame_num, persons, loop.stats.chunks_done + 1,
                                    chunks.num_chunks, frames_done, out_path)
 
 
-def _memory_record(load_plan: dict | None, device: torch.device) -> dict:
+def _memory_record(load_plan: LoadedPlan | None, device: torch.device) -> dict:
     """The plan's estimate next to what this process really used (GPU peak since the process started)."""
-    planned = ((load_plan or {}).get("memory") or {}).get("estimate")
+    memory = load_plan.memory if load_plan else None
+    planned = memory.estimate.to_dict() if memory is not None and memory.estimate is not None else None
     measured = None
     if device.type == "cuda":
         measured = {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
@@ -455,29 +364,118 @@ def _memory_record(load_plan: dict | None, device: torch.device) -> dict:
     return {"planned": planned, "measured": measured}
 
 
-def check_resumable(request: GenerateOptions, resume: ChunkState | None, seed: int) -> int:
-    """The seed of a checkpointed run: the saved one when resuming (a request naming another is not this run)."""
-    if request.frame_num - request.motion_frames < request.motion_frames:
-        raise OptionError(f"checkpoints need frame_num - motion_frames >= motion_frames (got {request.frame_num} and "
-                          f"{request.motion_frames}): a chunk's new frames must hold the next chunk's context")
-    if resume is None:
-        return seed
-    if request.seed is not None and request.seed != resume.seed:
-        raise InputError(f"cannot resume: the saved run used seed {resume.seed}, the request asks for {request.seed}")
-    return resume.seed
+@dataclass
+class _Inputs:
+    """A request's inputs as the model takes them (`_prepare_inputs`)."""
+
+    source: FrameSource
+    target: tuple[int, int]  # (height, width) of the generated frames
+    reference: object  # the first frame, resized and centre-cropped to `target`
+    tracks: list[np.ndarray]  # 16 kHz model track per speaker
+    soundtrack: tuple[np.ndarray, int]  # what is muxed into the mp4
+    soundtrack_record: dict
+    masks: object
+
+    @property
+    def persons(self) -> int:
+        return len(self.tracks)
 
 
-def _resume_into(resume: ChunkState, chunks, generator: torch.Generator, loop: ChunkLoop, writer: Mp4Writer,
-                 written: dict) -> tuple[int, torch.Tensor]:
+@dataclass
+class _Prompts:
+    positive: torch.Tensor
+    negative: torch.Tensor
+    tokens: dict  # the token report for the sidecar
+
+
+class _FrameSink:
+    """Where each finished chunk's frames go (`ChunkLoop.run(on_frames=...)`): the mp4, the frames hash, the
+    caller's previews (`on_chunk`) and checkpoints (`on_checkpoint`)."""
+
+    def __init__(self, writer: Mp4Writer, chunks, loop: ChunkLoop, generator: torch.Generator, seed: int,
+                 motion_frames: int, on_chunk=None, on_checkpoint=None):
+        self.writer, self.chunks, self.loop, self.generator, self.seed = writer, chunks, loop, generator, seed
+        self.motion_frames, self.on_chunk, self.on_checkpoint = motion_frames, on_chunk, on_checkpoint
+        self.digest = FramesHash()  # frames_sha256, as the job service computes it (earlier chunks of a resume too)
+        self.frames = 0  # written to the mp4 so far
+
+    def __call__(self, k: int, video: torch.Tensor) -> None:
+        keep = min(video.shape[1], self.chunks.num_frames - self.frames)
+        frames = frames_to_uint8(video[:, :keep])
+        self.writer.append(frames)
+        self.digest.update(frames)
+        self.frames += keep
+        if self.on_chunk is not None:
+            self.on_chunk(k, frames.numpy() if isinstance(frames, torch.Tensor) else frames)
+        if self.on_checkpoint is not None:  # video ends with the next chunk's context (stride ≥ motion_frames)
+            stats = {**dataclasses.asdict(self.loop.stats), "chunks_done": k + 1}
+            state = ChunkState(k + 1, self.chunks.num_chunks, self.seed, self.frames, self.generator.get_state(),
+                               video[:, -self.motion_frames:][None].clone(), stats)
+            self.on_checkpoint(state, frames.numpy() if isinstance(frames, torch.Tensor) else frames)
+
+
+@dataclass
+class _Outcome:
+    """How the sampling ended, and what `generate` raises for it once the mp4 and the record are written."""
+
+    status: str = "completed"
+    error: str | None = None
+    out_of_memory: Exception | None = None
+    peer_error: PeerError | None = None
+    interrupted: bool = False
+    failure: BaseException | None = None
+    start_chunk: int = 0  # > 0 when this run resumed a checkpointed one
+    video_error: str | None = None
+    kept: str = ""
+    sidecar: dict | None = None
+    sidecar_path: Path | None = None
+    sidecar_error: str | None = None
+
+
+def _checked_again_unless_same(request: GenerateOptions, checked: CheckedRequest | None,
+                               checkpoint: bool) -> CheckedRequest:
+    """The caller's check of this very request, else a fresh `check_request`."""
+    if checked is None or checked.request != request or checked.checkpoint != checkpoint:
+        checked = check_request(request, checkpoint=checkpoint)
+    return checked
+
+
+def _seed_for(request: GenerateOptions, resume: ChunkState | None, checkpointed: bool) -> int:
+    """The request's seed, a random one when unset, or the resumed run's (`check_resumable`)."""
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+    return check_resumable(request, resume, seed) if checkpointed else seed
+
+
+def _raise_for(outcome: _Outcome, out_path: Path) -> None:
+    """A run that did not complete ends in one error that says what was kept and where the record is."""
+    kept, sidecar_path = outcome.kept, outcome.sidecar_path
+    if outcome.sidecar_error is not None:
+        raise InputError(f"{sidecar_path}: the run's record could not be written ({outcome.sidecar_error}); {kept}")
+    if outcome.interrupted:
+        raise Interrupted(f"{outcome.error}; {kept}; the record is in {sidecar_path}")
+    if outcome.status == "cancelled":
+        raise CancelledError(f"{outcome.error}; {kept}")
+    if outcome.out_of_memory is not None:  # raised outside the except clause: the failed call's tensors are freed
+        if outcome.video_error is not None:
+            outcome.out_of_memory.add_note(kept)
+        raise outcome.out_of_memory
+    if outcome.peer_error is not None:
+        raise PeerError(f"{outcome.peer_error}; {kept}")
+    if outcome.video_error is not None:
+        raise InputError(f"{out_path}: {kept}; the record is in {sidecar_path}")
+
+
+def _resume_into(resume: ChunkState, chunks, generator: torch.Generator, loop: ChunkLoop,
+                 sink: _FrameSink) -> tuple[int, torch.Tensor]:
     """Put the run where `resume` left it: the earlier frames muxed again, the noise generator and loop stats restored."""
     if resume.num_chunks != chunks.num_chunks or not 0 < resume.next_chunk <= chunks.num_chunks:
         raise InputError(f"cannot resume: the saved run has {resume.num_chunks} chunks (next {resume.next_chunk}), "
                          f"this request plans {chunks.num_chunks}; the inputs or options differ")
     for frames in resume.earlier_frames or ():
-        writer.append(frames)
-        written["frames"] += len(frames)
-    if written["frames"] != resume.frames_written:
-        raise InputError(f"cannot resume: {written['frames']} earlier frames given, the saved run had written "
+        sink.writer.append(frames)
+        sink.frames += len(frames)
+    if sink.frames != resume.frames_written:
+        raise InputError(f"cannot resume: {sink.frames} earlier frames given, the saved run had written "
                          f"{resume.frames_written}")
     generator.set_state(resume.generator_state)
     for name, value in resume.stats.items():

@@ -36,8 +36,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook, apply_group_offloading
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from ..errors import OptionError
-from ..options import parse_offload
+from ..errors import InfiniteTalkError, OptionError
 from .diffusers_adapter import (
     ModuleGroup,
     add_block_group,
@@ -46,6 +45,7 @@ from .diffusers_adapter import (
     group_offloading_hook,
     remove_group_offloading_hooks,
 )
+from .placement import Offload
 from .quantize import weight_bytes
 
 _PREFETCH = "infinite_talk_prefetch"
@@ -254,10 +254,12 @@ def _has_quantized_weights(block: torch.nn.Module) -> bool:
 
 
 def apply_block_swap(model: torch.nn.Module, n: int, onload_device, offload_device="cpu",
-                     use_stream: bool | None = None, prefetch: bool | None = None) -> dict:
+                     use_stream: bool | None = None, prefetch: bool | None = None, swap: str | None = None) -> dict:
     """Keep `n` of `model.blocks` in (pinned, with a stream) host memory; the rest of the model goes to
     `onload_device`. `use_stream` defaults to True on CUDA; `prefetch` (copy a block while the previous module runs)
-    defaults to `use_stream` — without a stream an early copy only holds memory sooner. Returns a report."""
+    defaults to `use_stream` — without a stream an early copy only holds memory sooner. `swap`: the plan's mechanism
+    (`Offload.swap`: "compact" for quantized weights, "diffusers" for plain ones); None (direct callers: tests,
+    benchmarks) takes each block's own form. Returns a report."""
     onload, offload = torch.device(onload_device), torch.device(offload_device)
     use_stream = onload.type == "cuda" if use_stream is None else use_stream
     prefetch = use_stream if prefetch is None else prefetch
@@ -268,7 +270,11 @@ def apply_block_swap(model: torch.nn.Module, n: int, onload_device, offload_devi
     groups: dict[int, ModuleGroup | CompactBlockGroup] = {}
     for i in swapped:
         block = blocks[i]
-        if _has_quantized_weights(block):
+        quantized = _has_quantized_weights(block)
+        if swap == "diffusers" and quantized:
+            raise InfiniteTalkError(f"block {i} holds quantized weights but the plan swaps plain ones (diffusers): "
+                                    "the plan's quantization and the loaded weights disagree")
+        if swap == "compact" or (swap is None and quantized):
             groups[i] = CompactBlockGroup(block, onload, stream, pin=use_stream)
             _registry(block).register_hook(CompactBlockSwap(groups[i]), _COMPACT_SWAP)
             continue
@@ -318,22 +324,19 @@ def apply_sequential(model: torch.nn.Module, onload_device, offload_device="cpu"
             "pinned": use_stream}
 
 
-def apply_offload(model: torch.nn.Module, setting: str, device) -> dict:
-    """Apply a resolved setting (`none`, `blocks:N`, `sequential`) to the transformer; `none` moves it to `device`."""
-    kind, n = parse_offload(setting, len(model.blocks))
+def apply_offload(model: torch.nn.Module, offload: Offload, device) -> dict:
+    """Apply the plan's setting (`Offload`: none, blocks:N, sequential) to the transformer; `none` moves it to
+    `device`."""
     device = torch.device(device)
-    if kind == "none":
+    if offload.kind == "none":
         move_module(model, device)
         return {"offload": "none"}
     if device.type != "cuda":
-        raise OptionError(f"offload={setting}: offload moves weights between GPU and host; this run uses "
-                          f"device={device.type}", option="offload", value=setting)
-    if kind == "blocks":
-        return apply_block_swap(model, n, device)
-    if kind == "sequential":
-        return apply_sequential(model, device)
-    raise OptionError(f"offload={setting}: 'auto' must be resolved by the planner first",
-                      option="offload", value=setting)
+        raise OptionError(f"offload={offload}: offload moves weights between GPU and host; this run uses "
+                          f"device={device.type}", option="offload", value=str(offload))
+    if offload.kind == "blocks":
+        return apply_block_swap(model, offload.blocks, device, swap=offload.swap)
+    return apply_sequential(model, device)
 
 
 def offload_after_use(model: torch.nn.Module, onload_device, offload_device="cpu") -> None:

@@ -155,14 +155,15 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def quantize_text_encoder(model: nn.Module, mode: str) -> dict:
-    """umT5 `fp8`: fp8 weight storage (Float8WeightOnlyConfig, per-row scales) for its Linear layers — memory only.
+    """umT5 `fp8-storage` (the plan's resolved `t5_quantization=fp8`): fp8 weight storage (Float8WeightOnlyConfig,
+    per-row scales) for its Linear layers — memory only.
 
     Embeddings and norms stay as they are; the relative-position bias is tiny."""
     if mode == "disabled":
         return {"mode": "disabled", "layers": 0}
-    if mode != "fp8":
-        raise OptionError(f"t5_quantization={mode!r}: choose disabled or fp8", option="t5_quantization",
-                          value=mode)
+    if mode != "fp8-storage":
+        raise OptionError(f"t5_quantization={mode!r}: the plan resolves disabled or fp8-storage",
+                          option="t5_quantization", value=mode)
     import_torchao()
     from torchao.quantization import quantize_
 

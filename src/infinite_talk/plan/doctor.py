@@ -1,6 +1,6 @@
 """`infinite-talk doctor`: what this machine can run, and what each load option value resolves to here.
 
-`python -m infinite_talk.plan.doctor [--json] [--simulate h100|rtx5090|...]`
+`python -m infinite_talk.plan.doctor [--json]` (simulated machines: `python -m infinite_talk.testing.machines NAME`)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from ..errors import OptionError
 from ..options import LoadOptions
 from .planner import resolve
-from .probe import KERNELS, SIMULATED, Capabilities, probe, simulated
+from .probe import KERNELS, Capabilities, probe
 
 OPTION_FIELDS = ("model_precision", "vae_precision", "quantization", "t5_quantization", "attention")
 
@@ -71,9 +71,8 @@ def doctor_report(caps: Capabilities) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="infinite-talk doctor", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the probe and option table as JSON")
-    ap.add_argument("--simulate", choices=sorted(SIMULATED), help="show a simulated machine instead of this one")
     args = ap.parse_args(argv)
-    caps = simulated(args.simulate) if args.simulate else probe()
+    caps = probe()
     if args.json:
         rows = [{"option": o, "effective": e, "reason": r} for o, e, r in option_rows(caps)]
         print(json.dumps({"capabilities": caps.to_dict(), "options": rows}, indent=2))

@@ -40,7 +40,8 @@ import torch
 
 from ..errors import InfiniteTalkError, OptionError
 from ..models.configs import GEOMETRIES, GEOMETRY_14B, GEOMETRY_TINY, Geometry
-from ..models.offload import blocks_in_flight, parse_offload, swapped_block_indices
+from ..models.offload import blocks_in_flight, swapped_block_indices
+from ..models.placement import Offload
 from .resolved import Resolved
 
 GIB = 2**30
@@ -555,7 +556,8 @@ class MemoryModel:
 
     def estimate(self, setting: Setting, shape: Shape) -> Estimate:
         g, tb, w = self.geometry, self.transformer, self.weights()
-        kind, n = parse_offload(setting.offload, len(tb.blocks))
+        placement = Offload.parse(setting.offload, len(tb.blocks), self.quantization)
+        kind, n = placement.kind, placement.blocks
         if kind == "blocks":
             swapped = swapped_block_indices(len(tb.blocks), n)
             on_host = sum(tb.blocks[i] for i in swapped)
@@ -565,7 +567,7 @@ class MemoryModel:
         else:
             on_host = in_flight = 0
         slots = 0
-        if kind == "blocks" and self.quantization != "disabled":
+        if kind == "blocks" and placement.swap == "compact":
             # quantized blocks are copied into fixed GPU slots that stay allocated (`offload.SwapSlots`)
             slots, in_flight = in_flight, 0
         encoders = w["t5"] + w["clip"]
@@ -647,7 +649,8 @@ def forward_flops(geometry: Geometry, tokens: int) -> float:
 def copy_notes(model: MemoryModel, est: Estimate, shape: Shape, sm: tuple[int, int] | None) -> list[str]:
     """What the copies cost per model call: the bound without overlap and, on H100-class GPUs, the expected cost
     with the side-stream prefetch (a block's copy hides behind the previous block's compute when shorter)."""
-    kind, n = parse_offload(est.setting.offload, len(model.transformer.blocks))
+    placement = Offload.parse(est.setting.offload, len(model.transformer.blocks), model.quantization)
+    kind, n = placement.kind, placement.blocks
     if kind == "none":
         return []
     gb = est.swapped / 1e9
@@ -681,6 +684,7 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     context: dict | None = None
+    placement: Offload = Offload()  # the resolved offload setting, parsed once (what loading applies)
 
     def to_dict(self) -> dict[str, Any]:
         return {"offload": self.offload.to_dict(), "vae_tiling": self.vae_tiling.to_dict(),
@@ -728,7 +732,9 @@ def plan_memory(options, caps, *, device: str, model_dtype: str, vae_dtype: str,
     `free_gib` overrides the GPU's free memory (benchmarks, tests); `shape` the planned request."""
     geometry = _geometry_for(options)
     shape = shape or load_time_shape(geometry)
-    kind, n = parse_offload(options.offload, geometry.dit.num_layers)
+    requested = None if options.offload == "auto" else Offload.parse(options.offload, geometry.dit.num_layers,
+                                                                      quantization)
+    kind = requested.kind if requested else "auto"
     if device == "cpu":
         if kind in ("blocks", "sequential"):
             where = "this run uses device=cpu" if caps.gpu else "this machine has no GPU"
@@ -738,7 +744,7 @@ def plan_memory(options, caps, *, device: str, model_dtype: str, vae_dtype: str,
         tiling = {"auto": Resolved("auto", "off", "CPU run: no GPU memory to save"),
                   "on": Resolved("on", "on", "requested: tiled VAE encode/decode (less host memory, seams possible)"),
                   "off": Resolved("off", "off", "requested")}[options.vae_tiling]
-        return MemoryPlan(offload, tiling, False, None, None, shape)
+        return MemoryPlan(offload, tiling, False, None, None, shape)  # placement: Offload("none")
 
     if quantization != "disabled" and kind == "sequential":
         raise OptionError(f"offload=sequential: {QUANTIZED_OFFLOAD}; use --offload blocks:{geometry.dit.num_layers} "
@@ -802,7 +808,7 @@ def plan_memory(options, caps, *, device: str, model_dtype: str, vae_dtype: str,
         warnings.append(f"needs ≈{_gib(est.host_load)} GiB of host memory while loading, {host_avail:.1f} GiB is "
                         "available: the machine may run out of RAM (use --quantization to shrink the weights)")
     plan = MemoryPlan(offload, tiling, s.encoders_offloaded, est, free / GIB, shape, notes, warnings,
-                      model.context(free, s, sm))
+                      model.context(free, s, sm), Offload.parse(s.offload, geometry.dit.num_layers, quantization))
     return plan
 
 
@@ -828,14 +834,15 @@ def fit_suggestions(context: dict | None, shape: Shape) -> list[str]:
     return out
 
 
-def out_of_memory_error(load_plan: dict | None, size_hw: tuple[int, int], frames: int, persons: int, chunk: int,
-                        chunks: int, frames_done: int, out_path) -> OutOfGpuMemoryError:
-    """The message for a CUDA out-of-memory error during chunk `chunk` (1-based)."""
+def out_of_memory_error(memory_plan: MemoryPlan | None, size_hw: tuple[int, int], frames: int, persons: int,
+                        chunk: int, chunks: int, frames_done: int, out_path) -> OutOfGpuMemoryError:
+    """The message for a CUDA out-of-memory error during chunk `chunk` (1-based), from the loaded plan's memory
+    plan."""
     h, w = size_hw
     shape = Shape(h, w, frames, persons)
     kept = (f"the finished {frames_done} frames are in {out_path}" if frames_done
             else "no chunk had finished, so no video was written")
-    context = ((load_plan or {}).get("memory") or {}).get("context")
+    context = memory_plan.context if memory_plan is not None else None
     fits = fit_suggestions(context, shape)
     hint = ("this would fit: " + " or ".join(fits)) if fits else (
         "lower --size or --frame-num, or use --quantization disabled --offload sequential")

@@ -41,9 +41,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import OptionError
+from ..models.placement import Offload
 from ..options import LoadOptions
 from ..parallel.launch import World, world_from_env
-from .memory import plan_memory
+from .memory import MemoryPlan, plan_memory
 from .probe import BLACKWELL_SMS, Capabilities
 from .resolved import Resolved
 
@@ -102,10 +103,10 @@ class Plan:
     options: dict[str, Resolved] = field(default_factory=dict)
     machine: str = ""
     # memory plan (plan/memory.py): resolved offload setting, VAE tiling, encoders off the GPU after use, estimates
-    offload: str = "none"  # "none" | "blocks:N" | "sequential"
+    offload: Offload = Offload()  # none | blocks:N | sequential, and how swapped blocks travel
     vae_tiling: bool = False
     encoders_offloaded: bool = False
-    memory: dict[str, Any] = field(default_factory=dict)
+    memory: MemoryPlan | None = None
     # sequence parallel (parallel/): processes of the torchrun job, their split, the torch.distributed backend
     world_size: int = 1
     ulysses: int = 1
@@ -124,9 +125,29 @@ class Plan:
 
         return getattr(torch, self.vae_dtype)
 
+    @property
+    def transformer_load_device(self) -> str:
+        """Where the transformer's weights are loaded: quantized or offloaded runs load on the CPU and quantize layer
+        by layer on the way to the device (the device never holds the full-precision model), or stay in host memory
+        until the offload hooks place their parts."""
+        return self.device if self.quantization == "disabled" and not self.offload.swapping else "cpu"
+
+    @property
+    def encoder_device(self) -> str:
+        """Where T5 and CLIP live: the host when the plan moves them off the GPU after use (they visit it to encode)."""
+        return "cpu" if self.encoders_offloaded else self.device
+
+    @property
+    def t5_load_device(self) -> str:
+        """An fp8 T5 is quantized in host memory, then moved: the GPU never holds its bf16 weights."""
+        return "cpu" if self.t5_quantization != "disabled" else self.encoder_device
+
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """The plan as JSON data (the sidecar's and the service's `load.effective`)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["options"] = {k: v.to_dict() for k, v in self.options.items()}
+        d["offload"] = str(self.offload)
+        d["memory"] = self.memory.to_dict() if self.memory is not None else {}
         return d
 
     def lines(self) -> list[str]:
@@ -489,10 +510,10 @@ def resolve(load_options: LoadOptions, caps: Capabilities, world: World | None =
                  "t5_quantization": t5_quant, "attention": attn, "compile": compiled, "offload": memory.offload,
                  "vae_tiling": memory.vae_tiling, "sequence_parallel": sequence},
         machine=caps.summary(),
-        offload=memory.offload.effective,
+        offload=memory.placement,
         vae_tiling=memory.vae_tiling.effective == "on",
         encoders_offloaded=memory.encoders_offloaded,
-        memory=memory.to_dict(),
+        memory=memory,
         world_size=world.size,
         ulysses=ulysses,
         ring=ring,

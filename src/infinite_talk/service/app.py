@@ -167,7 +167,7 @@ def _load_pipelines(load: LoadOptions, devices: list[str]) -> list:
             plan = pipe.load_models(dataclasses.replace(load, device=devices[i]),
                                     progress=lambda msg: print(f"worker {i}: {msg}", file=sys.stderr, flush=True))
             if i == 0:
-                for line in plan.get("lines", []):
+                for line in plan.lines:
                     print("  " + line, file=sys.stderr)
             pipes[i] = pipe
         except BaseException as err:

@@ -697,14 +697,10 @@ def plan_job(request: GenerateOptions, inputs: dict, limits: Limits) -> dict:
     """The plan `generate` will run (chunks from the decoded audio length), or a refusal naming the option."""
     from ..media.audio import SAMPLE_RATE
     from ..media.frames import person_masks_source
-    from ..pipeline import InfiniteTalkPipeline, check_resumable
-    from ..sampling.windows import FPS
+    from ..request_plan import check_resumable, frames_for_samples, plan_request, track_samples
 
     samples = [inputs[k]["samples_16k"] for k in ("audio", "audio2") if k in inputs]
-    if len(samples) == 2 and request.audio_mode == "add":
-        total = sum(samples)
-    else:
-        total = max(samples)
+    total = track_samples(samples, request.audio_mode)
     if total / SAMPLE_RATE > limits.max_audio_seconds:
         raise UploadRefused(f"audio: {total / SAMPLE_RATE:.1f} s of speech in this job ({request.audio_mode} mode) is "
                             f"over this server's limit of {limits.max_audio_seconds:.0f} s (--max-audio-seconds)")
@@ -714,7 +710,7 @@ def plan_job(request: GenerateOptions, inputs: dict, limits: Limits) -> dict:
         check_resumable(request, None, 0)
         if request.bbox is not None:
             person_masks_source(ref["height"], ref["width"], len(samples), request.bbox)
-        plan = InfiniteTalkPipeline().plan_request(request, int(total / SAMPLE_RATE * FPS))
+        plan = plan_request(request, frames_for_samples(total)).as_dict()
     except (InputError, OptionError) as err:
         raise UploadRefused(f"options: {err}") from None
     plan["speakers"] = len(samples)

@@ -233,7 +233,7 @@ class Worker(threading.Thread):
         if resume is not None:
             resume.earlier_frames = hashed(resume.earlier_frames, digest)
         plan = dict(job.plan)
-        plan["load"] = {"lines": (self.pipeline.load_plan or {}).get("lines", []), "worker": self.name}
+        plan["load"] = {"lines": self.pipeline.load_plan.lines if self.pipeline.load_plan else [], "worker": self.name}
         self.store.update(job.id, plan=plan, error=None, resumed_from_chunk=resume.next_chunk if resume else None,
                           patience_s=0)
         log.info("%s: job %s %s", self.name, job.id,

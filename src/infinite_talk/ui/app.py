@@ -22,6 +22,7 @@ from ..library_messages import filter_library_noise
 from ..media.request_check import check_request
 from ..model_files import check_model_source
 from ..options import GenerateOptions, LoadOptions
+from ..request_plan import plan_request
 from . import controls as C
 from . import jobs as J
 from .live import live_player
@@ -306,7 +307,7 @@ def build_app(studio: Studio):
                     frames = audio_frames(request)
                 except (InfiniteTalkError, OSError) as err:
                     return f"**Speaker audio:** {err}"
-                plan = studio.pipeline.plan_request(request, frames)
+                plan = plan_request(request, frames, studio.pipeline.load_options).as_dict()
                 estimate = {"time": C.time_estimate(plan, studio.calibration), "memory": studio.memory_text()}
                 return C.plan_box_text(plan, estimate, C.mode_lines(studio.pipeline.load_options, request))
             except Exception as err:

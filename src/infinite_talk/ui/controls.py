@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InfiniteTalkError, InputError, OptionError
+from ..loading import LoadedPlan
 from ..options import GenerateOptions, LoadOptions, field_kind, read
 
 # Model files, one source dropdown each (LoadOptions fields), and the `model_files.discover` kind behind each.
@@ -431,17 +432,17 @@ def progress_text(info: dict) -> str:
             f"ETA {_duration(info['eta_s'])}")
 
 
-def load_plan_text(plan: dict) -> str:
+def load_plan_text(loaded: LoadedPlan) -> str:
     """What was loaded: `requested → effective (reason)` per option, then the files."""
-    lines = list(plan.get("lines", []))
-    files = plan.get("files") or {}
+    lines = list(loaded.lines)
+    files = loaded.files.as_dict()
     if files:
         lines.append("")
-        lines.append(f"geometry: {plan.get('geometry')}")
+        lines.append(f"geometry: {loaded.geometry.name}")
         for name, value in files.items():
             shown = ", ".join(map(str, value)) if isinstance(value, list) else value
             lines.append(f"{name}: {shown}")
-    lines += [f"note: {n}" for n in plan.get("notes", [])]
+    lines += [f"note: {n}" for n in loaded.notes]
     return "\n".join(lines)
 
 

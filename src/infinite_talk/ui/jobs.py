@@ -49,10 +49,10 @@ def load_texts(studio: Studio) -> tuple[str, str]:
         return "**Waiting for the GPU:** the running job finishes first, then the models load.", ""
     if state.state == "loading":
         return f"Loading models… {state.message}".rstrip(), ""
-    plan = studio.pipeline.load_plan or {}
-    if studio.loaded:
-        text = f"**Models loaded** ({plan.get('geometry')} geometry on {plan.get('device')})."
-        return text, C.load_plan_text(plan)
+    loaded = studio.pipeline.load_plan
+    if studio.loaded and loaded is not None:
+        text = f"**Models loaded** ({loaded.geometry.name} geometry on {loaded.plan.device})."
+        return text, C.load_plan_text(loaded)
     if state.state == "failed" and state.error is not None:
         options = state.options
         text = C.failure_text(state.error, load=options,

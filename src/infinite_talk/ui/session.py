@@ -27,10 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InfiniteTalkError, NotLoadedError, OptionError
+from ..loading import LoadedPlan
 from ..model_files import discover
 from ..options import GenerateOptions, LoadOptions
 from ..pipeline import InfiniteTalkPipeline
 from ..plan.probe import probe
+from ..request_plan import frames_for_samples, track_samples
 from ..service.store import FINAL_STATES, Job, JobStore
 from ..service.worker import SIDECAR_NAME, VIDEO_NAME, Worker
 from .controls import ChoiceStatus, choice_status, preflight
@@ -48,7 +50,7 @@ class LoadState:
 
     state: str = "idle"
     message: str = ""
-    plan: dict | None = None
+    plan: LoadedPlan | None = None
     options: LoadOptions | None = None
     error: BaseException | None = None
     version: int = 0  # bumped at every change (pages redraw only then)
@@ -127,7 +129,7 @@ class Studio:
         threading.Thread(target=self._load, args=(options,), daemon=True, name="infinite-talk-load").start()
 
     def load(self, options: LoadOptions, say: Callable[[str], None], on_turn: Callable[[], None] | None = None
-             ) -> dict:
+             ) -> LoadedPlan:
         """Replace the loaded models now, in the caller's thread (after the running job; `on_turn` once the GPU
         is this load's)."""
         preflight(options, self.caps)
@@ -270,11 +272,11 @@ class Studio:
         size = sum(_module_bytes(getattr(self.pipeline, n)) for n in ("transformer", "vae", "text_encoder",
                                                                        "image_encoder", "audio_encoder"))
         text = f"model weights in memory: {_size(size)} on {self.pipeline.device}"
-        estimate = ((self.pipeline.load_plan or {}).get("memory") or {}).get("estimate") or {}
-        if estimate.get("peak_gib") is not None:  # the planner's estimate for the loaded models (plan/memory.py)
-            planned = ((self.pipeline.load_plan or {}).get("memory") or {}).get("planned_for") or {}
-            text += (f"; estimated peak {estimate['peak_gib']:.2f} GiB ({estimate.get('peak_phase', '?')} phase"
-                     + (f", planned for {planned['label']}" if planned.get("label") else "") + ")")
+        memory = self.pipeline.load_plan.memory if self.pipeline.load_plan else None
+        if memory is not None and memory.estimate is not None:  # the planner's estimate for the loaded models
+            estimate = memory.estimate.to_dict()
+            text += (f"; estimated peak {estimate['peak_gib']:.2f} GiB ({estimate['peak_phase']} phase, planned for "
+                     f"{memory.shape.label()})")
         if self.last_peak_gib is not None:
             text += f"; peak GPU memory of the last run: {_size(self.last_peak_gib * 2**30)}"
         return text
@@ -313,5 +315,4 @@ def audio_frames(request: GenerateOptions) -> int | None:
     for p in [request.audio] + ([request.audio2] if request.audio2 else []):
         st = os.stat(p)
         lengths.append(_samples_16k(str(p), st.st_mtime_ns, st.st_size))
-    samples = lengths[0] if len(lengths) == 1 else max(lengths) if request.audio_mode == "para" else sum(lengths)
-    return int(samples / 16000 * 25)
+    return frames_for_samples(track_samples(lengths, request.audio_mode))
