@@ -72,13 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="infinite-talk doctor", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the probe and option table as JSON")
     args = ap.parse_args(argv)
-    caps = probe()
-    if args.json:
+    print_report(probe(), as_json=args.json)
+    return 0
+
+
+def print_report(caps: Capabilities, as_json: bool = False) -> None:
+    """The doctor table (or its JSON) of these capabilities: this machine's, or a simulated one (testing/)."""
+    if as_json:
         rows = [{"option": o, "effective": e, "reason": r} for o, e, r in option_rows(caps)]
         print(json.dumps({"capabilities": caps.to_dict(), "options": rows}, indent=2))
     else:
         print(doctor_report(caps))
-    return 0
 
 
 if __name__ == "__main__":

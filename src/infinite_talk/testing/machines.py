@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from typing import Any
 
-from ..plan.doctor import doctor_report, option_rows
+from ..plan.doctor import print_report
 from ..plan.probe import BLACKWELL_SMS, KERNELS, Capabilities, Kernel, hardware_gate
 
 _TORCH_BUILTIN_CUDA = {"sdpa_math": True, "sdpa_efficient": True, "sdpa_flash": True, "sdpa_cudnn": True,
@@ -103,12 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("name", choices=sorted(SIMULATED))
     ap.add_argument("--json", action="store_true", help="print the capabilities and option table as JSON")
     args = ap.parse_args(argv)
-    caps = simulated(args.name)
-    if args.json:
-        rows = [{"option": o, "effective": e, "reason": r} for o, e, r in option_rows(caps)]
-        print(json.dumps({"capabilities": caps.to_dict(), "options": rows}, indent=2))
-    else:
-        print(doctor_report(caps))
+    print_report(simulated(args.name), as_json=args.json)
     return 0
 
 
