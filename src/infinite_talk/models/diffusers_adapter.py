@@ -33,7 +33,8 @@ __all__ = [
     "BaseState", "GROUP_OFFLOADING_HOOK", "ModuleGroup", "StateManager", "active_attention_backend",
     "add_block_group", "add_model_group", "backend_supports_context_parallel", "chain_block_groups",
     "context_parallel_attention", "context_parallel_group", "first_block_cache_skip_reader", "group_offloading_hook",
-    "register_block_returning_hidden_states", "remove_group_offloading_hooks", "replace_with_gguf_linear",
+    "processor_attention_backend", "register_block_returning_hidden_states", "remove_group_offloading_hooks",
+    "replace_with_gguf_linear", "set_processor_attention_backend", "set_processor_parallel_config",
 ]
 
 
@@ -64,6 +65,24 @@ def context_parallel_group(config: ParallelConfig):
     """The process group spanning the whole (ring x ulysses) mesh of a set-up `ParallelConfig`. 0.42.1:
     `ContextParallelConfig.setup` keeps the flattened mesh in `_flattened_mesh`."""
     return config.context_parallel_config._flattened_mesh.get_group()
+
+
+def processor_attention_backend(processor):
+    """The backend a processor dispatches to (None: the dispatcher's default). 0.42.1: `ModelMixin.
+    set_attention_backend` writes it to each processor's `_attention_backend`, which the processors pass on."""
+    return getattr(processor, "_attention_backend", None)
+
+
+def set_processor_attention_backend(processor, name: AttentionBackendName) -> None:
+    """Set one processor's backend without `set_attention_backend`'s availability check (the memory tracer runs on
+    the meta device, where the kernels need not be installed). 0.42.1: the `_attention_backend` attribute."""
+    processor._attention_backend = name
+
+
+def set_processor_parallel_config(processor, config: ParallelConfig | None) -> None:
+    """Give one attention processor the context-parallel config it passes to the dispatcher. 0.42.1:
+    `ModelMixin.enable_parallelism` writes `_parallel_config` on each processor."""
+    processor._parallel_config = config
 
 
 # ---- hook state and FirstBlockCache (sampling/step_cache.py) ---------------------------------------------------------

@@ -36,6 +36,8 @@ from ..models.diffusers_adapter import (
     active_attention_backend,
     backend_supports_context_parallel,
     context_parallel_group,
+    processor_attention_backend,
+    set_processor_parallel_config,
 )
 
 
@@ -97,7 +99,7 @@ class SequenceParallel:
 
     def _local_op(self, processor):
         """None when diffusers' dispatcher does the context-parallel attention itself, else the op it runs inside."""
-        backend = processor._attention_backend or active_attention_backend()
+        backend = processor_attention_backend(processor) or active_attention_backend()
         backend = getattr(backend, "value", backend)
         if processor._kernel is None and supports_context_parallel(backend) and (
                 self.ring == 1 or backend != "native"):
@@ -118,7 +120,7 @@ class SequenceParallel:
         config = self._configs[uneven]
         if config is not self._active:
             for processor in self._processors:
-                processor._parallel_config = config
+                set_processor_parallel_config(processor, config)
             self._active = config
 
     def check_tokens(self, tokens: int) -> None:

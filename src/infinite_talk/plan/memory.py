@@ -333,15 +333,16 @@ def _set_backend_locally(model, backend: str) -> None:
     process-wide active backend (a plan must not change how other models in the process attend)."""
     from diffusers.models.attention_dispatch import AttentionBackendName
 
+    from ..models.diffusers_adapter import set_processor_attention_backend
     from ..models.transformer import AudioCrossAttention
 
     name = AttentionBackendName(backend)
     for module in model.modules():
         processor = getattr(module, "processor", None)
         if processor is not None and hasattr(processor, "_attention_backend"):
-            processor._attention_backend = name
+            set_processor_attention_backend(processor, name)
         if isinstance(module, AudioCrossAttention):
-            module._attention_backend = name
+            set_processor_attention_backend(module, name)
 
 
 def _quantize_on_meta(model, mode: str) -> None:
