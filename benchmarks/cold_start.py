@@ -21,6 +21,10 @@ import tempfile
 import time
 
 START = time.perf_counter()
+# the compile phases (Dynamo's compile_times) that say where a first forward's seconds go
+MAIN_PHASES = {"_compile.compile_inner", "bytecode_tracing", "create_aot_dispatcher_function", "compile_fx_inner",
+               "GraphLowering.run", "GraphLowering.codegen", "async_compile.wait", "PyCodeCache.load_by_key_path",
+               "build_guards"}
 
 
 def child(args) -> dict:
@@ -51,11 +55,16 @@ def child(args) -> dict:
     from torch._dynamo.utils import compile_times, counters
 
     print(compile_times(repr="str"), file=sys.stderr, flush=True)
+    names, values = compile_times(repr="csv", aggregate=True)
+    caches = {f"{group}.{key}": n for group in ("inductor", "aot_autograd") for key, n in counters[group].items()
+              if "cache" in key}
 
     return {"device": device_name(device), "build_s": round(build_s, 2), "first_forward_s": round(first, 2),
             "second_forward_s": round(second, 3), "process_s": round(time.perf_counter() - START, 2),
             "dynamo_unique_graphs": counters["stats"]["unique_graphs"],
             "graph_breaks": sum(counters["graph_break"].values()), "layers": args.layers or cfg.num_layers, **check,
+            "compile_times_s": {n: round(float(v), 2) for n, v in zip(names, values, strict=False)
+                                if n in MAIN_PHASES or "autotun" in n or "benchmark" in n}, "caches": caches,
             "cache_dirs": {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}}
 
 
