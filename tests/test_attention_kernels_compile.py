@@ -47,9 +47,9 @@ def test_kernel_that_no_longer_imports_is_an_option_error(monkeypatch):
 
 
 def test_op_output_is_contiguous_in_q_dtype_like_its_fake(stand_in_fa3):
-    q = torch.randn(2, 8, 2, 16, dtype=torch.bfloat16).transpose(1, 2).transpose(1, 2)
+    q = torch.randn(2, 2, 8, 16, dtype=torch.bfloat16).transpose(1, 2)  # [B, L, H, D], not contiguous
     k = torch.randn(2, 5, 2, 16, dtype=torch.bfloat16)
-    out = attention_kernels.fa3_fwd(q, k, k)
+    out = attention_kernels.fa3_fwd(q, k, k)  # the stand-in returns a transposed (non-contiguous) tensor
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
     expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(out, expected)
