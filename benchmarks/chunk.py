@@ -89,6 +89,7 @@ def main() -> None:
     vae = random_vae(geometry, device, torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32)
     if device.type == "cuda":
         vae.use_channels_last()  # as load_vae does
+        vae.use_fused_kernels()
     clip = RandomClip(geometry, device, torch.float16 if device.type == "cuda" else torch.float32)
 
     g = torch.Generator().manual_seed(0)

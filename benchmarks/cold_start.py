@@ -5,8 +5,9 @@ the compile cache the first one left (models/compilation.py), at the real shapes
     python benchmarks/cold_start.py --config tiny --device cpu --no-compile                          # smoke test
 
 Each process reports: building the model (random weights, quantization), the first forward (Dynamo tracing,
-Inductor compilation or cache loads, the run), the second forward (the warm time), the Dynamo graph count and
-Dynamo/Inductor compile time. The cache directory starts empty (a fresh temporary folder unless --cache is given).
+Inductor compilation or cache loads, the run), the second forward (the warm time), the Dynamo graph count, graph
+breaks and recompiles (counted in Dynamo's logs), Dynamo/Inductor compile time, and the compiled output's rel-L2
+against the same model run eagerly. The cache directory starts empty (a fresh temporary folder unless --cache is given).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ import tempfile
 import time
 
 START = time.perf_counter()
+# the compile phases (Dynamo's compile_times) that say where a first forward's seconds go
+MAIN_PHASES = {"_compile.compile_inner", "bytecode_tracing", "create_aot_dispatcher_function", "compile_fx_inner",
+               "GraphLowering.run", "GraphLowering.codegen", "async_compile.wait", "PyCodeCache.load_by_key_path",
+               "build_guards"}
 
 
 def child(args) -> dict:
@@ -41,14 +46,25 @@ def child(args) -> dict:
     with torch.inference_mode():
         first = timed(lambda: model(**inputs), device, 1)[0]
         second = timed(lambda: model(**inputs), device, 1)[0]
+        check = {}
+        if args.compile:  # the compiled forward against the same model run eagerly (Dynamo bypassed)
+            compiled = model(**inputs).float()
+            with torch.compiler.set_stance("force_eager"):
+                eager = model(**inputs).float()
+            check = {"rel_l2_compiled_vs_eager": round(float((compiled - eager).norm() / eager.norm()), 5)}
     from torch._dynamo.utils import compile_times, counters
 
     print(compile_times(repr="str"), file=sys.stderr, flush=True)
+    names, values = compile_times(repr="csv", aggregate=True)
+    caches = {f"{group}.{key}": n for group in ("inductor", "aot_autograd") for key, n in counters[group].items()
+              if "cache" in key}
 
     return {"device": device_name(device), "build_s": round(build_s, 2), "first_forward_s": round(first, 2),
             "second_forward_s": round(second, 3), "process_s": round(time.perf_counter() - START, 2),
             "dynamo_unique_graphs": counters["stats"]["unique_graphs"],
-            "graph_breaks": sum(counters["graph_break"].values()), "layers": args.layers or cfg.num_layers,
+            "graph_breaks": sum(counters["graph_break"].values()), "layers": args.layers or cfg.num_layers, **check,
+            "compile_times_s": {n: round(float(v), 2) for n, v in zip(names, values, strict=False)
+                                if n in MAIN_PHASES or "autotun" in n or "benchmark" in n}, "caches": caches,
             "cache_dirs": {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}}
 
 
@@ -70,7 +86,7 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
     cache = args.cache or tempfile.mkdtemp(prefix="it-compile-")
-    env = {**os.environ, "INFINITE_TALK_CACHE": cache}
+    env = {**os.environ, "INFINITE_TALK_CACHE": cache, "TORCH_LOGS": "recompiles,graph_breaks"}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     env.pop("TRITON_CACHE_DIR", None)
     runs = []
@@ -83,7 +99,9 @@ def main() -> None:
         if proc.returncode or not lines:
             runs.append({"process": i + 1, "error": (proc.stderr or proc.stdout)[-1500:]})
         else:
-            runs.append({"process": i + 1, "wall_s": round(wall, 2), **json.loads(lines[-1][7:])})
+            logged = {"logged_recompiles": proc.stderr.count("Recompiling function"),
+                      "logged_graph_breaks": proc.stderr.count("Graph break")}
+            runs.append({"process": i + 1, "wall_s": round(wall, 2), **json.loads(lines[-1][7:]), **logged})
         print(runs[-1], flush=True)
     result = {"config": args.config, "size": args.size, "attention": args.attention,
               "quantization": args.quantization, "compile": args.compile, "runs": runs}

@@ -68,6 +68,11 @@ def rows() -> list[tuple[str, str, str]]:
     cold = _load("cold_start_h200_480_fp8.json")["runs"]
     out.append(("first fp8 compiled forward: fresh process / second process (compile cache)",
                 f"{cold[0]['first_forward_s']:.0f} s / {cold[1]['first_forward_s']:.1f} s", "-"))
+    one = _load("cold_start_h200_480_fp8_custom_op.json")["runs"][0]
+    warm = _load("dit_h200_480_fa3_fp8_compile_custom_op.json")
+    out.append(("same, attention kernels as custom ops (one block graph, 0 graph breaks): fresh process / next "
+                "process's first forward (dit_forward.py, cache warm)",
+                f"{one['first_forward_s']:.0f} s / {warm['first_call_s']:.1f} s", "-"))
     for label, kernel in (("attention 480p: FA3 bf16", "fa3_fwd"), ("attention 480p: sage8_triton", "sage8_triton"),
                           ("attention 480p: sage8_triton_bf16pv", "sage8_triton_bf16pv")):
         out.append((label, _attention("attention_sage8_h200.json", kernel),
