@@ -96,8 +96,82 @@ def _source_pairs(studio: Studio) -> list[tuple[str, str]]:
     return pairs
 
 
-def build_app(studio: Studio):
+@dataclasses.dataclass
+class ModelPanel:
+    """The model panel's components (LoadOptions fields → controls)."""
+
+    source: Any
+    widgets: dict[str, Any]  # LoadOptions field -> component (choices, component files, device, more options)
+    choices: dict[str, Any]  # the choice fields checked against this machine (a subset of `widgets`)
+    load_check: Any
+    availability: Any
+    load_btn: Any
+    load_status: Any
+    load_plan: Any
+
+    @property
+    def inputs(self) -> set:
+        return {self.source, *self.widgets.values()}
+
+
+@dataclasses.dataclass
+class GeneratePanel:
+    """The generation panel's components (GenerateOptions fields → controls) and the run's outputs."""
+
+    task: Any
+    fields: dict[str, Any]  # GenerateOptions field -> component
+    specs: dict[str, C.ControlSpec]
+    image_column: Any
+    image_preview: Any
+    input_check: Any
+    request_plan: Any
+    run_btn: Any
+    cancel_btn: Any
+    run_progress: Any
+    run_status: Any
+    previews: Any
+    result_video: Any
+    sidecar: Any
+    seed_used: Any
+
+    @property
+    def inputs(self) -> set:
+        return {self.task, *self.fields.values()}
+
+    def values(self, data) -> dict[str, Any]:
+        return {name: data[comp] for name, comp in self.fields.items()}
+
+
+def build_tab(studio: Studio) -> tuple[ModelPanel, GeneratePanel]:
+    """The whole interface, rendered into the caller's current Gradio context (a `gr.Blocks`, a `gr.Tab` of a host
+    app, ...). It sets nothing global: no queue, theme, css or launch option. Results are files in
+    `studio.output_dir`; a host must serve them: `launch(**host_launch_options(studio))`, or keep the output folder
+    under the working directory or the system's temp folder (Gradio serves those anyway)."""
     gr = _gradio()
+    gr.Markdown("# Infinite Talk\nA talking video of any length from a photo or video plus speech.")
+    model = _model_panel(gr, studio)
+    gen = _generate_panel(gr, studio)
+    _wire_model_panel(gr, studio, model, gen)
+    _wire_generate_panel(gr, studio, gen)
+    return model, gen
+
+
+def build_app(studio: Studio):
+    """`build_tab` in its own Blocks (the `infinite-talk ui` page)."""
+    gr = _gradio()
+    # Gradio's copies of uploads and results are dropped after a day; the runs themselves stay in output_dir.
+    with gr.Blocks(title="Infinite Talk", analytics_enabled=False, delete_cache=(86400, 86400)) as demo:
+        build_tab(studio)
+    return demo
+
+
+def host_launch_options(studio: Studio) -> dict[str, Any]:
+    """What a host app passes to `launch()` so that the tab's results can be served."""
+    return {"allowed_paths": [str(studio.output_dir)]}
+
+
+# ---- layout --------------------------------------------------------------------------------------------------------
+def _model_panel(gr, studio: Studio) -> ModelPanel:
     caps = studio.caps
     source_default = _default_source(studio)
     initial = LoadOptions(preset="tiny" if source_default == C.SOURCE_TINY else None,
@@ -105,304 +179,341 @@ def build_app(studio: Studio):
     initial_status = studio.statuses(initial)
     component_pairs = C.component_choices(studio.found, studio.models_dir)
     load_meta = LoadOptions.__dataclass_fields__
-
-    # Gradio's copies of uploads and results are dropped after a day; the runs themselves stay in output_dir.
-    with gr.Blocks(title="Infinite Talk", analytics_enabled=False, delete_cache=(86400, 86400)) as demo:
-        gr.Markdown("# Infinite Talk\nA talking video of any length from a photo or video plus speech.")
-
-        # ---- model panel ----------------------------------------------------------------------------------------
-        load_widgets: dict[str, Any] = {}  # LoadOptions field -> component
-        with gr.Group():
-            gr.Markdown("## 1 · Models")
-            source = gr.Radio(choices=_source_pairs(studio), value=source_default, label="Model files",
-                              info=load_meta["preset"].metadata["help"], elem_id="source")
-            with gr.Accordion("Model file per component (found by content in the models folder)", open=False):
-                gr.Markdown("*auto*: the tiny preset's file, the only one of its kind in the models folder, or the "
-                            "hub default. A file picked here is used as is; with the tiny preset it is refused.")
-                with gr.Row():
-                    for name in C.component_fields():
-                        spec = C.field_spec(LoadOptions, name)
-                        load_widgets[name] = gr.Dropdown(choices=component_pairs[name], value=C.AUTO,
-                                                         label=spec.label,
-                                                         info=load_meta[name].metadata.get("help"),
-                                                         elem_id=f"src-{name.replace('_', '-')}")
-            choices = {}
+    widgets: dict[str, Any] = {}
+    choices: dict[str, Any] = {}
+    with gr.Group():
+        gr.Markdown("## 1 · Models")
+        source = gr.Radio(choices=_source_pairs(studio), value=source_default, label="Model files",
+                          info=load_meta["preset"].metadata["help"], elem_id="source")
+        with gr.Accordion("Model file per component (found by content in the models folder)", open=False):
+            gr.Markdown("*auto*: the tiny preset's file, the only one of its kind in the models folder, or the "
+                        "hub default. A file picked here is used as is; with the tiny preset it is refused.")
             with gr.Row():
-                for name in C.load_choice_fields():
+                for name in C.component_fields():
                     spec = C.field_spec(LoadOptions, name)
-                    choices[name] = load_widgets[name] = gr.Dropdown(
-                        choices=C.choice_pairs(initial_status[name]), value=spec.default, label=spec.label,
-                        info=spec.info, elem_id=name.replace("_", "-"))
-                load_widgets["device"] = gr.Dropdown(choices=C.device_choices(caps), value="auto", label="Device",
-                                                     info=load_meta["device"].metadata["help"], elem_id="device")
-            if C.other_load_fields():
-                with gr.Accordion("More load options", open=False):
-                    for name in C.other_load_fields():
-                        load_widgets[name] = _component(gr, C.field_spec(LoadOptions, name))
-            load_check = gr.Markdown(C.load_check_text(initial, caps), elem_id="load-check")
-            with gr.Accordion("Every load choice on this machine", open=False):
-                availability = gr.Markdown(C.availability_table(initial_status), elem_id="availability")
-            load_btn = gr.Button("Load models", variant="primary", elem_id="load-btn")
-            load_status = gr.Markdown("No models loaded yet.", elem_id="load-status")
-            load_plan = gr.Textbox(label="Effective load plan (option: requested → effective (reason))", lines=6,
-                                   interactive=False, elem_id="load-plan")
+                    widgets[name] = gr.Dropdown(choices=component_pairs[name], value=C.AUTO, label=spec.label,
+                                                info=load_meta[name].metadata.get("help"),
+                                                elem_id=f"src-{name.replace('_', '-')}")
+        with gr.Row():
+            for name in C.load_choice_fields():
+                spec = C.field_spec(LoadOptions, name)
+                choices[name] = widgets[name] = gr.Dropdown(
+                    choices=C.choice_pairs(initial_status[name]), value=spec.default, label=spec.label,
+                    info=spec.info, elem_id=name.replace("_", "-"))
+            widgets["device"] = gr.Dropdown(choices=C.device_choices(caps), value="auto", label="Device",
+                                            info=load_meta["device"].metadata["help"], elem_id="device")
+        if C.other_load_fields():
+            with gr.Accordion("More load options", open=False):
+                for name in C.other_load_fields():
+                    widgets[name] = _component(gr, C.field_spec(LoadOptions, name))
+        load_check = gr.Markdown(C.load_check_text(initial, caps), elem_id="load-check")
+        with gr.Accordion("Every load choice on this machine", open=False):
+            availability = gr.Markdown(C.availability_table(initial_status), elem_id="availability")
+        load_btn = gr.Button("Load models", variant="primary", elem_id="load-btn")
+        load_status = gr.Markdown("No models loaded yet.", elem_id="load-status")
+        load_plan = gr.Textbox(label="Effective load plan (option: requested → effective (reason))", lines=6,
+                               interactive=False, elem_id="load-plan")
+    return ModelPanel(source, widgets, choices, load_check, availability, load_btn, load_status, load_plan)
 
-        # ---- generation panel -----------------------------------------------------------------------------------
-        gen: dict[str, Any] = {}
-        specs = {name: C.field_spec(GenerateOptions, name) for name in generate_fields()}
 
-        def place(names):
-            for name in names:
-                gen[name] = _component(gr, specs[name])
+def _generate_panel(gr, studio: Studio) -> GeneratePanel:
+    fields: dict[str, Any] = {}
+    specs = {name: C.field_spec(GenerateOptions, name) for name in generate_fields()}
 
-        with gr.Group():
-            gr.Markdown("## 2 · Generate")
-            task = gr.Radio(choices=[C.TASK_IMAGE, C.TASK_VIDEO], value=C.TASK_IMAGE, label="Task", elem_id="task")
-            with gr.Row():
-                with gr.Column() as image_column:
-                    # A file box, not gr.Image: gr.Image decodes uploads itself and turns a broken file into a
-                    # stuck form. We decode it (by content) for the preview and name the file when it is unusable.
-                    gen["image"] = gr.File(type="filepath", file_types=["image"], label=specs["image"].label,
-                                           elem_id="ref-image")
-                    image_preview = gr.Image(label="Reference (as read)", interactive=False, height=160,
-                                             elem_id="ref-preview")
-                gen["video"] = gr.Video(sources=["upload"], label=specs["video"].label, elem_id="ref-video",
-                                        visible=False)
-                gen["audio"] = gr.Audio(type="filepath", sources=["upload", "microphone"],
-                                        label=specs["audio"].label, elem_id="audio1")
-                gen["audio2"] = gr.Audio(type="filepath", sources=["upload", "microphone"],
-                                         label=specs["audio2"].label, elem_id="audio2")
-            input_check = gr.Markdown(elem_id="input-check")
-            with gr.Row():
-                place(_placed("speakers"))
-            place(_placed("prompts"))
-            with gr.Row():
-                with gr.Column():
-                    place(_placed("sampling"))
-                with gr.Column():
-                    gr.Markdown("**Effective plan for this request**")
-                    request_plan = gr.Markdown(elem_id="request-plan")
-            with gr.Row():
-                place(_placed("guidance"))
-            with gr.Row():
-                place(_placed("output"))
-            with gr.Accordion("Chunking", open=False), gr.Row():
-                place(_placed("chunking"))
-            if unplaced_generate_fields():
-                with gr.Accordion("More options", open=False):
-                    place(unplaced_generate_fields())
-            with gr.Row():
-                run_btn = gr.Button("Generate", variant="primary", elem_id="run-btn")
-                cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
-            run_progress = gr.Markdown(elem_id="run-progress")
-            run_status = gr.Markdown(elem_id="run-status")
-            previews = gr.Gallery(label="Finished chunks (last frame of each)", columns=8, height=160,
-                                  elem_id="previews", interactive=False)
-            with gr.Row():
-                result_video = gr.Video(label="Video", interactive=False, elem_id="result-video")
-                with gr.Column():
-                    sidecar = gr.File(label="Sidecar JSON (requested vs effective options, timings)",
-                                      interactive=False, elem_id="sidecar")
-                    seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
+    def place(names):
+        for name in names:
+            fields[name] = _component(gr, specs[name])
 
-        load_inputs = {source, *load_widgets.values()}
-        gen_inputs = {task, *gen.values()}
+    with gr.Group():
+        gr.Markdown("## 2 · Generate")
+        task = gr.Radio(choices=[C.TASK_IMAGE, C.TASK_VIDEO], value=C.TASK_IMAGE, label="Task", elem_id="task")
+        with gr.Row():
+            with gr.Column() as image_column:
+                # A file box, not gr.Image: gr.Image decodes uploads itself and turns a broken file into a
+                # stuck form. We decode it (by content) for the preview and name the file when it is unusable.
+                fields["image"] = gr.File(type="filepath", file_types=["image"], label=specs["image"].label,
+                                          elem_id="ref-image")
+                image_preview = gr.Image(label="Reference (as read)", interactive=False, height=160,
+                                         elem_id="ref-preview")
+            fields["video"] = gr.Video(sources=["upload"], label=specs["video"].label, elem_id="ref-video",
+                                       visible=False)
+            fields["audio"] = gr.Audio(type="filepath", sources=["upload", "microphone"],
+                                       label=specs["audio"].label, elem_id="audio1")
+            fields["audio2"] = gr.Audio(type="filepath", sources=["upload", "microphone"],
+                                        label=specs["audio2"].label, elem_id="audio2")
+        input_check = gr.Markdown(elem_id="input-check")
+        with gr.Row():
+            place(_placed("speakers"))
+        place(_placed("prompts"))
+        with gr.Row():
+            with gr.Column():
+                place(_placed("sampling"))
+            with gr.Column():
+                gr.Markdown("**Effective plan for this request**")
+                request_plan = gr.Markdown(elem_id="request-plan")
+        with gr.Row():
+            place(_placed("guidance"))
+        with gr.Row():
+            place(_placed("output"))
+        with gr.Accordion("Chunking", open=False), gr.Row():
+            place(_placed("chunking"))
+        if unplaced_generate_fields():
+            with gr.Accordion("More options", open=False):
+                place(unplaced_generate_fields())
+        with gr.Row():
+            run_btn = gr.Button("Generate", variant="primary", elem_id="run-btn")
+            cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+        run_progress = gr.Markdown(elem_id="run-progress")
+        run_status = gr.Markdown(elem_id="run-status")
+        previews = gr.Gallery(label="Finished chunks (last frame of each)", columns=8, height=160,
+                              elem_id="previews", interactive=False)
+        with gr.Row():
+            result_video = gr.Video(label="Video", interactive=False, elem_id="result-video")
+            with gr.Column():
+                sidecar = gr.File(label="Sidecar JSON (requested vs effective options, timings)",
+                                  interactive=False, elem_id="sidecar")
+                seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
+    return GeneratePanel(task, fields, specs, image_column, image_preview, input_check, request_plan, run_btn,
+                         cancel_btn, run_progress, run_status, previews, result_video, sidecar, seed_used)
 
-        def read_load(data) -> LoadOptions:
-            return C.load_options_from_form(data[source], {n: data[c] for n, c in load_widgets.items()},
-                                            studio.models_dir)
 
-        # ---- handlers: model panel ------------------------------------------------------------------------------
-        def refresh_load_panel(data):
+def _default_form(specs: dict[str, C.ControlSpec]) -> dict[str, Any]:
+    return {name: None if name in MEDIA_FIELDS else C.widget_default(spec) for name, spec in specs.items()}
+
+
+def _on_page_load(gr, fn, inputs: set, output) -> None:
+    """Run `fn(form)` once when a page opens and show its result in `output`. A one-shot timer, not
+    `Blocks.load`: inside a host app the tab has no Blocks of its own to listen to, and the event stays off the
+    API."""
+    timer = gr.Timer(0.1)
+
+    def once(data):
+        return {output: fn(data), timer: gr.Timer(active=False)}
+
+    timer.tick(once, inputs, [output, timer], show_progress="hidden", api_visibility="private", **PLAN_QUEUE)
+
+
+# ---- behaviour: model panel ----------------------------------------------------------------------------------------
+def _read_load(studio: Studio, model: ModelPanel, data) -> LoadOptions:
+    return C.load_options_from_form(data[model.source], {n: data[c] for n, c in model.widgets.items()},
+                                    studio.models_dir)
+
+
+def _wire_model_panel(gr, studio: Studio, model: ModelPanel, gen: GeneratePanel) -> None:
+    caps = studio.caps
+    choices, load_check, availability = model.choices, model.load_check, model.availability
+
+    def refresh_load_panel(data):
+        try:
+            options = _read_load(studio, model, data)
+            error = None
+        except Exception as err:  # an OptionError; anything else is shown the same way
+            options, error = None, err if isinstance(err, InfiniteTalkError) else InfiniteTalkError(_message(err))
+        try:
+            base = options or LoadOptions(**{n: data[c] for n, c in choices.items()},
+                                          device=data[model.widgets["device"]])
+            status = studio.statuses(base)
+        except Exception:  # e.g. an impossible combination: keep default labels, show the refusal
+            status = studio.statuses(LoadOptions())
+        updates = {choices[n]: gr.update(choices=C.choice_pairs(status[n])) for n in choices}
+        updates[load_check] = C.load_check_text(options, caps, error)
+        updates[availability] = C.availability_table(status)
+        return updates
+
+    panel_outputs = [*choices.values(), load_check, availability]
+    # One listener for all triggers, so a slow earlier refresh cannot overwrite a newer one.
+    gr.on([comp.input for comp in model.inputs], refresh_load_panel, model.inputs, panel_outputs,
+          show_progress="hidden", concurrency_limit=None, trigger_mode="always_last", api_visibility="private")
+
+    if "mode" in choices:
+        def on_mode(data):
+            """A preset fills the fields it sets, visibly; they stay editable and are what runs."""
             try:
-                options = read_load(data)
-                error = None
-            except Exception as err:  # an OptionError; anything else is shown the same way
-                options, error = None, err if isinstance(err, InfiniteTalkError) else InfiniteTalkError(
-                    _message(err))
-            try:
-                base = options or LoadOptions(**{n: data[c] for n, c in choices.items()}, device=data[
-                    load_widgets["device"]])
-                status = studio.statuses(base)
-            except Exception:  # e.g. an impossible combination: keep default labels, show the refusal
-                status = studio.statuses(LoadOptions())
-            updates = {choices[n]: gr.update(choices=C.choice_pairs(status[n])) for n in choices}
-            updates[load_check] = C.load_check_text(options, caps, error)
-            updates[availability] = C.availability_table(status)
+                load_values = {n: data[c] for n, c in choices.items()}
+                load_values["device"] = data[model.widgets["device"]]
+                load_set, gen_set = C.mode_preset(load_values, caps)
+            except Exception as err:
+                return {load_check: f"**Mode:** {_message(err)}"}
+            updates = {choices[n]: v for n, v in load_set.items() if n in choices}
+            updates.update({gen.fields[n]: C.widget_default(dataclasses.replace(gen.specs[n], default=v))
+                            for n, v in gen_set.items() if n in gen.fields})
             return updates
 
-        # One listener for all triggers, so a slow earlier refresh cannot overwrite a newer one.
-        gr.on([comp.input for comp in load_inputs], refresh_load_panel, load_inputs,
-              [*choices.values(), load_check, availability], show_progress="hidden", concurrency_limit=None,
-              trigger_mode="always_last")
+        choices["mode"].input(on_mode, model.inputs, [*choices.values(), load_check, *gen.fields.values()],
+                              show_progress="hidden", concurrency_limit=None, api_visibility="private").then(
+            refresh_load_panel, model.inputs, panel_outputs, show_progress="hidden", concurrency_limit=None,
+            api_visibility="private")
 
-        if "mode" in choices:
-            def on_mode(data):
-                """A preset fills the fields it sets, visibly; they stay editable and are what runs."""
-                try:
-                    load_values = {n: data[c] for n, c in choices.items()}
-                    load_values["device"] = data[load_widgets["device"]]
-                    load_set, gen_set = C.mode_preset(load_values, caps)
-                except Exception as err:
-                    return {load_check: f"**Mode:** {_message(err)}"}
-                updates = {choices[n]: v for n, v in load_set.items() if n in choices}
-                updates.update({gen[n]: C.widget_default(dataclasses.replace(specs[n], default=v))
-                                for n, v in gen_set.items() if n in gen})
-                return updates
+    def on_load(data, request: gr.Request):
+        try:
+            options = _read_load(studio, model, data)
+            C.preflight(options, caps)
+        except Exception as err:
+            refusal = C.load_check_text(None, caps, err if isinstance(err, InfiniteTalkError)
+                                        else InfiniteTalkError(_message(err)))
+            yield {model.load_status: f"**Not loaded.** {refusal}", load_check: refusal}
+            return
+        try:
+            job = studio.submit(request.session_hash,
+                                lambda job: studio.load(options, say=lambda m: job.emit("message", m)),
+                                cancellable=False)
+        except Exception as err:
+            yield {model.load_status: f"**Not loaded.** {_message(err)}"}
+            return
+        for kind, payload in job.iter_events():
+            if kind == "waiting":
+                yield {model.load_status: _waiting_text(payload)}
+            elif kind == "started":
+                yield {model.load_status: "Loading models…", model.load_plan: ""}
+            elif kind == "message":
+                yield {model.load_status: f"Loading models… {payload}"}
+            elif kind == "done":
+                yield {model.load_status: f"**Models loaded** ({payload.get('geometry')} geometry on "
+                                          f"{payload.get('device')}).",
+                       model.load_plan: C.load_plan_text(payload), load_check: C.load_check_text(options, caps)}
+            elif kind == "failed":
+                text = C.failure_text(payload, load=options, statuses=studio.statuses(options))
+                yield {model.load_status: f"**Loading failed.** {text} No models are loaded now."}
 
-            choices["mode"].input(on_mode, load_inputs, [*choices.values(), load_check, *gen.values()],
-                                  show_progress="hidden", concurrency_limit=None).then(
-                refresh_load_panel, load_inputs, [*choices.values(), load_check, availability],
-                show_progress="hidden", concurrency_limit=None)
+    model.load_btn.click(on_load, model.inputs, [model.load_status, model.load_plan, load_check],
+                         concurrency_limit=MAX_JOBS, concurrency_id="gpu-jobs", show_progress="minimal",
+                         api_visibility="private").then(
+        _plan_handler(studio, gen), gen.inputs, gen.request_plan, show_progress="hidden", api_visibility="private",
+        **PLAN_QUEUE)
 
-        def on_load(data, request: gr.Request):
-            try:
-                options = read_load(data)
-                C.preflight(options, caps)
-            except Exception as err:
-                refusal = C.load_check_text(None, caps, err if isinstance(err, InfiniteTalkError)
-                                            else InfiniteTalkError(_message(err)))
-                yield {load_status: f"**Not loaded.** {refusal}", load_check: refusal}
-                return
-            try:
-                job = studio.submit(request.session_hash,
-                                    lambda job: studio.load(options, say=lambda m: job.emit("message", m)),
-                                    cancellable=False)
-            except Exception as err:
-                yield {load_status: f"**Not loaded.** {_message(err)}"}
-                return
+
+# ---- behaviour: generation panel -----------------------------------------------------------------------------------
+def _plan_text(studio: Studio, task: str, values: dict[str, Any]) -> str:
+    """The request plan box: what this form would run, or why it cannot."""
+    try:
+        request = C.request_from_form(task, values)
+        try:
+            frames = audio_frames(request)
+        except (InfiniteTalkError, OSError) as err:
+            return f"**Speaker audio:** {err}"
+        plan = studio.pipeline.plan_request(request, frames)
+        estimate = {"time": C.time_estimate(plan, studio.calibration), "memory": studio.memory_text()}
+        return C.plan_box_text(plan, estimate, C.mode_lines(studio.pipeline.load_options, request))
+    except Exception as err:
+        return f"**Cannot run:** {_message(err)}"
+
+
+def _plan_handler(studio: Studio, gen: GeneratePanel):
+    def plan_box(data):
+        return _plan_text(studio, data[gen.task], gen.values(data))
+    return plan_box
+
+
+def _wire_generate_panel(gr, studio: Studio, gen: GeneratePanel) -> None:
+    fields, task = gen.fields, gen.task
+    plan_box = _plan_handler(studio, gen)
+    _on_page_load(gr, plan_box, gen.inputs, gen.request_plan)
+    # One at a time, in order (PLAN_QUEUE): run in parallel, a slow update started by an audio upload could finish
+    # after a later one and show the plan of a stale form (seen in the browser test).
+    gr.on([task.change, *(comp.change for comp in fields.values())], plan_box, gen.inputs, gen.request_plan,
+          show_progress="hidden", trigger_mode="always_last", api_visibility="private", **PLAN_QUEUE)
+    task.change(lambda t: (gr.update(visible=t == C.TASK_IMAGE), gr.update(visible=t == C.TASK_VIDEO)), task,
+                [gen.image_column, fields["video"]], show_progress="hidden", concurrency_limit=None,
+                api_visibility="private")
+
+    def check_reference(path, task_value):
+        """Decode the upload now: a preview, or a message naming the file and the fix."""
+        if not path:
+            return None, ""
+        try:
+            reference_kind(path, task_value)
+            from ..media.frames import FrameSource
+
+            return FrameSource(path).first_frame(), ""
+        except Exception as err:
+            return None, f"**Reference:** {_message(err)}"
+
+    fields["image"].change(check_reference, [fields["image"], task], [gen.image_preview, gen.input_check],
+                           show_progress="hidden", concurrency_limit=None, api_visibility="private")
+    fields["video"].change(lambda path, t: check_reference(path, t)[1], [fields["video"], task], gen.input_check,
+                           show_progress="hidden", concurrency_limit=None, api_visibility="private")
+
+    outputs = [gen.run_status, gen.run_progress, gen.previews, gen.result_video, gen.sidecar, gen.seed_used]
+    gen.run_btn.click(_generate_handler(gr, studio, gen), gen.inputs, outputs, concurrency_limit=MAX_JOBS,
+                      concurrency_id="gpu-jobs", show_progress="minimal", api_visibility="private").then(
+        plan_box, gen.inputs, gen.request_plan, show_progress="hidden", api_visibility="private", **PLAN_QUEUE)
+
+    def on_cancel(request: gr.Request):
+        return f"**{studio.cancel(request.session_hash)}**"
+
+    gen.cancel_btn.click(on_cancel, None, gen.run_progress, concurrency_limit=None, show_progress="hidden",
+                         api_visibility="private")
+
+
+def _generate_handler(gr, studio: Studio, gen: GeneratePanel):
+    task = gen.task
+    run_status, run_progress, previews = gen.run_status, gen.run_progress, gen.previews
+    result_video, sidecar, seed_used = gen.result_video, gen.sidecar, gen.seed_used
+
+    def on_generate(data, request: gr.Request):
+        yield {run_status: "Checking the request…", run_progress: ""}
+        req = None
+        try:
+            studio.require_models()
+            req = C.request_from_form(data[task], gen.values(data))
+            C.check_inputs(req, data[task])
+            reference_kind(req.image or req.video, data[task])
+            # every input and the output folder, before the run is queued (the same check as CLI and service)
+            check_request(dataclasses.replace(req, out=str(Path(studio.output_dir) / "talk.mp4")))
+            req = dataclasses.replace(req, out=str(studio.new_output_path()))  # a folder only for real runs
+            shown: list[tuple[str, str]] = []
+            total = {"chunks": None}
+
+            def save_preview(job, k: int, frames) -> None:
+                from PIL import Image
+
+                path = Path(req.out).with_name(f"chunk_{k + 1:03d}.png")
+                Image.fromarray(frames[-1]).save(path)
+                job.emit("chunk", (k, str(path)))
+
+            def work(job):
+                return studio.run_generation(
+                    req, progress=lambda info: job.emit("progress", info),
+                    on_chunk=lambda k, frames: save_preview(job, k, frames), should_stop=job.should_stop)
+
+            job = studio.submit(request.session_hash, work)
+        except Exception as err:
+            yield {run_status: f"**Not started.** {_message(err)}"}
+            return
+        finished = False
+        try:
             for kind, payload in job.iter_events():
                 if kind == "waiting":
-                    yield {load_status: _waiting_text(payload)}
-                elif kind == "started":
-                    yield {load_status: "Loading models…", load_plan: ""}
-                elif kind == "message":
-                    yield {load_status: f"Loading models… {payload}"}
+                    yield {run_status: _waiting_text(payload)}
+                elif kind == "started":  # the previous result leaves the page only now (it stays on disk)
+                    yield {run_status: f"Running… output folder: {Path(req.out).parent}", previews: [],
+                           result_video: None, sidecar: None, seed_used: ""}
+                elif kind == "progress":
+                    total["chunks"] = payload["chunks"]
+                    yield {run_progress: C.progress_text(payload)}
+                elif kind == "chunk":
+                    k, path = payload
+                    shown.append((path, f"chunk {k + 1}/{total['chunks'] or '?'}"))
+                    yield {previews: list(shown)}
                 elif kind == "done":
-                    yield {load_status: f"**Models loaded** ({payload.get('geometry')} geometry on "
-                                        f"{payload.get('device')}).",
-                           load_plan: C.load_plan_text(payload), load_check: C.load_check_text(options, caps)}
-                elif kind == "failed":
-                    text = C.failure_text(payload, load=options, statuses=studio.statuses(options))
-                    yield {load_status: f"**Loading failed.** {text} No models are loaded now."}
+                    eff = payload.sidecar["effective"]
+                    yield {run_status: f"**Done:** {payload.frames} frames, {payload.duration_s:.2f} s, seed "
+                                       f"{payload.seed}, {eff['scheduler']} {eff['steps']} steps × "
+                                       f"{eff['passes_per_step']} passes. Saved as {payload.video_path}",
+                           result_video: str(payload.video_path), sidecar: str(payload.sidecar_path),
+                           seed_used: str(payload.seed)}
+                elif kind in ("cancelled", "failed"):
+                    loaded = studio.pipeline.load_options or LoadOptions()
+                    text = payload if kind == "cancelled" else C.failure_text(
+                        payload, req, loaded, studio.statuses(loaded))
+                    yield {run_status: f"**{'Cancelled' if kind == 'cancelled' else 'Failed'}.** {text}",
+                           **_partial(req, result_video, sidecar, seed_used)}
+            finished = True
+        finally:
+            if not finished:  # the page went away: stop at the next step, keep what is finished
+                job.cancel_requested.set()
 
-        # ---- handlers: generation panel -------------------------------------------------------------------------
-        def form_values(data) -> dict[str, Any]:
-            return {name: data[comp] for name, comp in gen.items()}
-
-        def plan_box(data):
-            try:
-                request = C.request_from_form(data[task], form_values(data))
-                frames = None
-                try:
-                    frames = audio_frames(request)
-                except (InfiniteTalkError, OSError) as err:
-                    return f"**Speaker audio:** {err}"
-                plan = studio.pipeline.plan_request(request, frames)
-                estimate = {"time": C.time_estimate(plan, studio.calibration), "memory": studio.memory_text()}
-                return C.plan_box_text(plan, estimate, C.mode_lines(studio.pipeline.load_options, request))
-            except Exception as err:
-                return f"**Cannot run:** {_message(err)}"
-
-        # One at a time, in order (PLAN_QUEUE): run in parallel, a slow update started by an audio upload could finish
-        # after a later one and show the plan of a stale form (seen in the browser test).
-        gr.on([demo.load, task.change, *(comp.change for comp in gen.values())], plan_box, gen_inputs,
-              request_plan, show_progress="hidden", trigger_mode="always_last", **PLAN_QUEUE)
-        task.change(lambda t: (gr.update(visible=t == C.TASK_IMAGE), gr.update(visible=t == C.TASK_VIDEO)), task,
-                    [image_column, gen["video"]], show_progress="hidden", concurrency_limit=None)
-
-        def check_reference(path, task_value):
-            """Decode the upload now: a preview, or a message naming the file and the fix."""
-            if not path:
-                return None, ""
-            try:
-                reference_kind(path, task_value)
-                from ..media.frames import FrameSource
-
-                return FrameSource(path).first_frame(), ""
-            except Exception as err:
-                return None, f"**Reference:** {_message(err)}"
-
-        gen["image"].change(check_reference, [gen["image"], task], [image_preview, input_check],
-                            show_progress="hidden", concurrency_limit=None)
-        gen["video"].change(lambda path, t: check_reference(path, t)[1], [gen["video"], task], input_check,
-                            show_progress="hidden", concurrency_limit=None)
-        load_btn.click(on_load, load_inputs, [load_status, load_plan, load_check], concurrency_limit=MAX_JOBS,
-                       concurrency_id="gpu-jobs", show_progress="minimal").then(
-            plan_box, gen_inputs, request_plan, show_progress="hidden", **PLAN_QUEUE)
-
-        def on_generate(data, request: gr.Request):
-            yield {run_status: "Checking the request…", run_progress: ""}
-            req = None
-            try:
-                studio.require_models()
-                req = C.request_from_form(data[task], form_values(data))
-                C.check_inputs(req, data[task])
-                reference_kind(req.image or req.video, data[task])
-                # every input and the output folder, before the run is queued (the same check as CLI and service)
-                check_request(dataclasses.replace(req, out=str(Path(studio.output_dir) / "talk.mp4")))
-                req = dataclasses.replace(req, out=str(studio.new_output_path()))  # a folder only for real runs
-                shown: list[tuple[str, str]] = []
-                total = {"chunks": None}
-
-                def save_preview(job, k: int, frames) -> None:
-                    from PIL import Image
-
-                    path = Path(req.out).with_name(f"chunk_{k + 1:03d}.png")
-                    Image.fromarray(frames[-1]).save(path)
-                    job.emit("chunk", (k, str(path)))
-
-                def work(job):
-                    return studio.run_generation(
-                        req, progress=lambda info: job.emit("progress", info),
-                        on_chunk=lambda k, frames: save_preview(job, k, frames), should_stop=job.should_stop)
-
-                job = studio.submit(request.session_hash, work)
-            except Exception as err:
-                yield {run_status: f"**Not started.** {_message(err)}"}
-                return
-            finished = False
-            try:
-                for kind, payload in job.iter_events():
-                    if kind == "waiting":
-                        yield {run_status: _waiting_text(payload)}
-                    elif kind == "started":  # the previous result leaves the page only now (it stays on disk)
-                        yield {run_status: f"Running… output folder: {Path(req.out).parent}", previews: [],
-                               result_video: None, sidecar: None, seed_used: ""}
-                    elif kind == "progress":
-                        total["chunks"] = payload["chunks"]
-                        yield {run_progress: C.progress_text(payload)}
-                    elif kind == "chunk":
-                        k, path = payload
-                        shown.append((path, f"chunk {k + 1}/{total['chunks'] or '?'}"))
-                        yield {previews: list(shown)}
-                    elif kind == "done":
-                        eff = payload.sidecar["effective"]
-                        yield {run_status: f"**Done:** {payload.frames} frames, {payload.duration_s:.2f} s, seed "
-                                           f"{payload.seed}, {eff['scheduler']} {eff['steps']} steps × "
-                                           f"{eff['passes_per_step']} passes. Saved as {payload.video_path}",
-                               result_video: str(payload.video_path), sidecar: str(payload.sidecar_path),
-                               seed_used: str(payload.seed)}
-                    elif kind in ("cancelled", "failed"):
-                        loaded = studio.pipeline.load_options or LoadOptions()
-                        text = payload if kind == "cancelled" else C.failure_text(
-                            payload, req, loaded, studio.statuses(loaded))
-                        yield {run_status: f"**{'Cancelled' if kind == 'cancelled' else 'Failed'}.** {text}",
-                               **_partial(req, result_video, sidecar, seed_used)}
-                finished = True
-            finally:
-                if not finished:  # the page went away: stop at the next step, keep what is finished
-                    job.cancel_requested.set()
-
-        run_btn.click(on_generate, gen_inputs, [run_status, run_progress, previews, result_video, sidecar, seed_used],
-                      concurrency_limit=MAX_JOBS, concurrency_id="gpu-jobs", show_progress="minimal").then(
-            plan_box, gen_inputs, request_plan, show_progress="hidden", **PLAN_QUEUE)
-
-        def on_cancel(request: gr.Request):
-            return f"**{studio.cancel(request.session_hash)}**"
-
-        cancel_btn.click(on_cancel, None, run_progress, concurrency_limit=None, show_progress="hidden")
-    return demo
+    return on_generate
 
 
 def _message(err: BaseException) -> str:
@@ -460,7 +571,7 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int = 7860, block: boo
                               font_mono=["ui-monospace", "monospace"])  # local fonts: no font download
     try:
         demo.launch(server_name=host, server_port=port, share=False, show_error=True, ssr_mode=False,
-                    allowed_paths=[str(studio.output_dir)], theme=theme, prevent_thread_lock=not block,
+                    theme=theme, **host_launch_options(studio), prevent_thread_lock=not block,
                     footer_links=["gradio", "settings"])
     except OSError as err:
         raise InfiniteTalkError(f"cannot serve on {host}:{port} ({err}); pass another --port") from err
