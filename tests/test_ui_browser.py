@@ -62,17 +62,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, sync_api):
-    folder = tmp_path_factory.mktemp("ui")
+@contextlib.contextmanager
+def _serving(folder: Path, command: list[str]):
+    """Start a UI server process (`command` after the Python interpreter) and wait until it answers."""
     port = _free_port()
     env = {**os.environ, "INFINITE_TALK_CACHE": str(folder / "cache"), "GRADIO_ANALYTICS_ENABLED": "False",
            "GRADIO_TEMP_DIR": str(folder / "gradio"), "HF_HUB_OFFLINE": "1"}
     log = open(folder / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "infinite_talk.cli", "ui", "--preset", "tiny", "--host", "127.0.0.1", "--port",
-         str(port), "--output-dir", str(folder / "outputs")],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen([sys.executable, *[str(port) if c == "PORT" else c for c in command]],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + SERVER_START_S
     try:
@@ -98,6 +96,14 @@ def server(tmp_path_factory, sync_api):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, sync_api):
+    folder = tmp_path_factory.mktemp("ui")
+    with _serving(folder, ["-m", "infinite_talk.cli", "ui", "--preset", "tiny", "--host", "127.0.0.1", "--port",
+                               "PORT", "--output-dir", str(folder / "outputs")]) as served:
+        yield served
 
 
 @pytest.fixture
@@ -190,6 +196,7 @@ def test_ui_in_a_real_browser(server, page, sync_api, tmp_path):
         expect(page.locator("#run-status")).to_contain_text(
             "Not started. No models are loaded: press 'Load models' in the model panel first")
         assert "Traceback" not in page.inner_text("body")
+        expect(page.get_by_text("Use via API")).to_be_visible()
 
         # 2. A choice this machine cannot run is listed with its reason and refused when picked; nothing loads.
         name, value = _first_refused_choice()
@@ -276,3 +283,61 @@ def test_second_page_waits_with_its_position_and_cancel_keeps_the_finished_chunk
 
         expect(second.locator("#run-status")).to_contain_text("Done: 75 frames, 3.00 s", timeout=LONG_S * 1000)
         assert abs(_video_duration(second) - 3.0) < 0.1
+
+
+def test_the_interface_as_a_tab_of_a_host_app(tmp_path, browser, sync_api):
+    """`build_tab` inside a host's `gr.Tab`: the host's own tab keeps working and a video is made from ours."""
+    expect = sync_api.expect
+    script = Path(__file__).with_name("ui_host_app.py")
+    with _serving(tmp_path, [str(script), "PORT", str(tmp_path / "outputs")]) as host:
+        page = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
+        page.set_default_timeout(60_000)
+        page.goto(host["url"])
+        with _explained(host, page=page):
+            page.locator("#host-say input, #host-say textarea").first.fill("hello")
+            page.locator("#host-say input, #host-say textarea").first.press("Enter")
+            expect(page.locator("#host-echo textarea, #host-echo input").first).to_have_value("HELLO")
+            page.get_by_role("tab", name="Infinite Talk").click()
+            expect(page.locator("#request-plan")).to_contain_text("steps that run: 40")  # the page-load plan
+            page.click("#load-btn")
+            expect(page.locator("#load-status")).to_contain_text("Models loaded (tiny geometry on cpu",
+                                                                 timeout=LONG_S * 1000)
+            _fill_request(page, expect, _speech(tmp_path, 1), steps=1)
+            page.click("#run-btn")
+            expect(page.locator("#run-status")).to_contain_text("Done: 25 frames, 1.00 s", timeout=LONG_S * 1000)
+            assert abs(_video_duration(page) - 1.0) < 0.1
+            assert list((tmp_path / "outputs").glob("*/talk.json"))
+
+
+def test_gradio_client_loads_generates_and_downloads(server, tmp_path):
+    """A script drives the running UI with the official client, keyword arguments only."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(server["url"], download_files=str(tmp_path / "downloads"), verbose=False)
+    api = client.view_api(return_format="dict", print_info=False)
+    assert {"/load_models", "/plan", "/generate"} <= set(api["named_endpoints"])
+    assert not api["unnamed_endpoints"]  # the page's own handlers are not part of the API
+    params = {p["parameter_name"]: p for p in api["named_endpoints"]["/generate"]["parameters"]}
+    assert all(p["parameter_has_default"] for p in params.values())
+    assert params["size"]["python_type"]["type"] == "Literal['480', '720']"
+    assert params["size"]["parameter_default"] == "480" and params["steps"]["parameter_default"] == 40
+
+    status, plan = client.predict(api_name="/load_models")  # every option at its default: the tiny preset here
+    assert status.startswith("Models loaded (tiny geometry on cpu") and "geometry: tiny" in plan
+    with pytest.raises(AppError, match="no speech: upload speaker 1's audio"):
+        client.predict(image=handle_file(str(EXAMPLES / "portrait.png")), api_name="/generate")
+
+    speech = _speech(tmp_path, 1)
+    plan = client.predict(image=handle_file(str(EXAMPLES / "portrait.png")), audio=handle_file(str(speech)),
+                          steps=2, size="480", api_name="/plan")
+    assert "steps that run: 2" in plan and "chunks: 1 → 25 frames" in plan
+    video, sidecar_path, seed, status = client.predict(
+        image=handle_file(str(EXAMPLES / "portrait.png")), audio=handle_file(str(speech)), steps=2, size="480",
+        seed="7", api_name="/generate")
+    assert status.startswith("Done: 25 frames, 1.00 s, seed 7,") and seed == "7"
+    assert Path(video).is_relative_to(tmp_path / "downloads") and Path(video).suffix == ".mp4"
+    info = probe_media(video)
+    assert (info.frames, info.video_codec, info.audio_codec) == (25, "h264", "aac")
+    sidecar = json.loads(Path(sidecar_path).read_text())
+    assert sidecar["status"] == "completed" and sidecar["seed"] == 7 and sidecar["effective"]["steps"] == 2

@@ -198,3 +198,56 @@ def test_a_mode_preset_fills_the_fields_visibly():
     assert load == {"quantization": "disabled"}  # fp8 would only store weights on a CPU: the preset says so
     assert (generate["scheduler"], generate["steps"], generate["text_scale"], generate["audio_scale"]) == (
         "distill4", 4, 1.0, 1.0)
+
+
+# ---- UI security: a login beyond loopback ----------------------------------------------------------------------------
+def test_auth_is_required_beyond_loopback():
+    for host in ("127.0.0.1", "localhost", "::1"):
+        app.check_exposure(host, None)
+    with pytest.raises(OptionError, match="refusing to serve the UI on 0.0.0.0 without a login: pass --auth"):
+        app.check_exposure("0.0.0.0", None)
+    app.check_exposure("0.0.0.0", ("me", "long enough"))
+    assert app.parse_auth("me:a:b:c:long") == ("me", "a:b:c:long") and app.parse_auth(None) is None
+    for bad in ("nocolon", ":password1", "me:", "me:short"):
+        with pytest.raises(OptionError, match="--auth"):
+            app.parse_auth(bad)
+
+
+def test_ui_command_refuses_to_serve_beyond_loopback_without_a_login(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != app.AUTH_ENV}
+    done = subprocess.run([sys.executable, "-m", "infinite_talk.cli", "ui", "--preset", "tiny", "--host", "0.0.0.0",
+                           "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: refusing to serve the UI on 0.0.0.0 without a login: pass --auth USER:PASSWORD (or set "
+        f"{app.AUTH_ENV}) or serve on 127.0.0.1"]
+    assert not (tmp_path / "out").exists()  # refused before anything was set up
+
+
+def test_a_launched_ui_asks_scripts_for_the_login(tmp_path):
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from gradio_client import Client
+
+    from infinite_talk.ui.session import Studio
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = app.launch(Studio(preset="tiny", output_dir=tmp_path, caps=CPU), port=port, block=False,
+                      auth=("me", "long enough"))
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30)
+        assert refused.value.code == 401
+        client = Client(f"http://127.0.0.1:{port}/", auth=("me", "long enough"), verbose=False)
+        assert "/generate" in client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    finally:
+        demo.close()

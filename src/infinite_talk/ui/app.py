@@ -8,14 +8,16 @@ traceback goes to the server log only.
 
 import argparse
 import dataclasses
+import inspect
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import InfiniteTalkError
+from ..errors import InfiniteTalkError, OptionError
 from ..media.request_check import check_request
 from ..options import GenerateOptions, LoadOptions
+from ..service.network import is_loopback
 from . import controls as C
 from .session import Studio, audio_frames
 
@@ -33,6 +35,8 @@ GENERATE_LAYOUT = {
 }
 log = logging.getLogger("infinite_talk.ui")
 MAX_JOBS = 16  # handlers that may wait in our GPU queue at once (beyond that, Gradio's own queue holds them)
+AUTH_ENV = "INFINITE_TALK_UI_AUTH"
+MIN_PASSWORD_CHARS = 8
 PLAN_QUEUE = {"concurrency_limit": 1, "concurrency_id": "request-plan"}  # plan-box updates: in order
 
 
@@ -64,9 +68,9 @@ def _component(gr, spec: C.ControlSpec, **extra):
     common = dict(label=spec.label, info=spec.info or None, elem_id=spec.name.replace("_", "-"), **extra)
     value = C.widget_default(spec)
     if spec.kind == "dropdown":
-        return gr.Dropdown(choices=list(spec.choices), value=value, **common)
+        return gr.Dropdown(choices=C.widget_choices(spec), value=value, **common)
     if spec.kind == "radio":
-        return gr.Radio(choices=list(spec.choices), value=value, **common)
+        return gr.Radio(choices=C.widget_choices(spec), value=value, **common)
     if spec.kind == "checkbox":
         return gr.Checkbox(value=value, **common)
     if spec.kind == "slider":
@@ -153,6 +157,7 @@ def build_tab(studio: Studio) -> tuple[ModelPanel, GeneratePanel]:
     gen = _generate_panel(gr, studio)
     _wire_model_panel(gr, studio, model, gen)
     _wire_generate_panel(gr, studio, gen)
+    _api_endpoints(gr, studio, model, gen)
     return model, gen
 
 
@@ -516,6 +521,77 @@ def _generate_handler(gr, studio: Studio, gen: GeneratePanel):
     return on_generate
 
 
+# ---- API endpoints (gradio_client) ---------------------------------------------------------------------------------
+def _keyword_endpoint(gr, fn, components: dict[str, Any], doc: str):
+    """`fn(request, values)` as an endpoint with one keyword parameter per component (named after its schema field),
+    each optional: left out, the control's default is used (Gradio documents it in `view_api`)."""
+    def endpoint(request: gr.Request, **values):
+        return fn(request, values)
+
+    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in components]
+    endpoint.__signature__ = inspect.Signature(
+        [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request), *params])
+    endpoint.__doc__ = doc
+    return endpoint
+
+
+def _api_endpoints(gr, studio: Studio, model: ModelPanel, gen: GeneratePanel) -> None:
+    """`/load_models`, `/plan` and `/generate`: the page's actions for scripts. Each runs as its button does (the
+    same checks, the same GPU queue) and answers when done; a refusal or failure is a `gradio_client` AppError
+    with the page's one-line message."""
+    load_inputs = {"source": model.source, **model.widgets}
+    gen_inputs = {"task": gen.task, **gen.fields}
+
+    def form(components, values):
+        return {comp: values[name] for name, comp in components.items()}
+
+    def load_models(request, values):
+        data = form(load_inputs, values)
+        try:
+            options = _read_load(studio, model, data)
+            C.preflight(options, studio.caps)
+            job = studio.submit(request.session_hash,
+                                lambda job: studio.load(options, say=lambda m: None), cancellable=False)
+        except Exception as err:
+            raise gr.Error(f"Not loaded. {_message(err)}", print_exception=False) from None
+        for kind, payload in job.iter_events():
+            if kind == "done":
+                return (f"Models loaded ({payload.get('geometry')} geometry on {payload.get('device')}).",
+                        C.load_plan_text(payload))
+            if kind == "failed":
+                text = C.failure_text(payload, load=options, statuses=studio.statuses(options))
+                raise gr.Error(f"Loading failed. {text}", print_exception=False)
+        raise gr.Error("Loading ended without a result; see the server log.", print_exception=False)
+
+    def plan(request, values):
+        data = form(gen_inputs, values)
+        return _plan_text(studio, data[gen.task], gen.values(data))
+
+    generate_steps = _generate_handler(gr, studio, gen)
+
+    def generate(request, values):
+        data = form(gen_inputs, values)
+        last: dict = {}
+        for update in generate_steps(data, request):
+            last.update(update)
+        status = str(last.get(gen.run_status, ""))
+        if last.get(gen.result_video) is None or not status.startswith("**Done:**"):
+            raise gr.Error(status.replace("**", ""), print_exception=False)
+        return last[gen.result_video], last[gen.sidecar], last[gen.seed_used], status.replace("**", "")
+
+    trigger = gr.Button(visible=False, elem_id="api-trigger")  # never clicked: the endpoints are for scripts
+    trigger.click(_keyword_endpoint(gr, load_models, load_inputs,
+                                    "Load the models (replacing loaded ones). Returns (status, load plan)."),
+                  inputs_kwargs=load_inputs, outputs=[model.load_status, model.load_plan], api_name="load_models",
+                  concurrency_limit=MAX_JOBS, concurrency_id="gpu-jobs")
+    trigger.click(_keyword_endpoint(gr, plan, gen_inputs, "The effective plan of a request, as Markdown."),
+                  inputs_kwargs=gen_inputs, outputs=gen.request_plan, api_name="plan", **PLAN_QUEUE)
+    trigger.click(_keyword_endpoint(gr, generate, gen_inputs,
+                                    "Make a video. Returns (mp4, sidecar JSON, seed used, status)."),
+                  inputs_kwargs=gen_inputs, outputs=[gen.result_video, gen.sidecar, gen.seed_used, gen.run_status],
+                  api_name="generate", concurrency_limit=MAX_JOBS, concurrency_id="gpu-jobs")
+
+
 def _message(err: BaseException) -> str:
     """The page's text for a failure; an unexpected one also goes to the server log with its traceback."""
     if not isinstance(err, InfiniteTalkError):
@@ -563,30 +639,55 @@ def _partial(req: GenerateOptions | None, video, sidecar, seed_used) -> dict:
     return out
 
 
-def launch(studio: Studio, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+def launch(studio: Studio, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
+           auth: tuple[str, str] | None = None):
     gr = _gradio()
+    check_exposure(host, auth)
     demo = build_app(studio)
     demo.queue(max_size=64)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # local fonts: no font download
     try:
         demo.launch(server_name=host, server_port=port, share=False, show_error=True, ssr_mode=False,
-                    theme=theme, **host_launch_options(studio), prevent_thread_lock=not block,
-                    footer_links=["gradio", "settings"])
+                    theme=theme, **host_launch_options(studio), prevent_thread_lock=not block, auth=auth,
+                    footer_links=["api", "gradio", "settings"])
     except OSError as err:
         raise InfiniteTalkError(f"cannot serve on {host}:{port} ({err}); pass another --port") from err
     return demo
 
 
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """'USER:PASSWORD' (from --auth or $INFINITE_TALK_UI_AUTH) → (user, password)."""
+    if text is None or text == "":
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user.strip() or not password.strip():
+        raise OptionError(f"--auth / ${AUTH_ENV}: give USER:PASSWORD (both non-empty), not {len(text)} characters "
+                          "without that form")
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise OptionError(f"--auth / ${AUTH_ENV}: the password is {len(password)} characters; use at least "
+                          f"{MIN_PASSWORD_CHARS}")
+    return user, password
+
+
+def check_exposure(host: str, auth: tuple[str, str] | None) -> None:
+    """Beyond loopback anyone who can reach the page could run the GPU and read the results: a login is required."""
+    if auth is None and not is_loopback(host):
+        raise OptionError(f"refusing to serve the UI on {host} without a login: pass --auth USER:PASSWORD (or set "
+                          f"{AUTH_ENV}) or serve on 127.0.0.1")
+
+
 # ---- `infinite-talk ui` ------------------------------------------------------------------------------------------
 def cmd_ui(ns: argparse.Namespace) -> int:
     _gradio()  # a clear message before probing when gradio is missing
+    auth = parse_auth(ns.auth if ns.auth is not None else os.environ.get(AUTH_ENV))
+    check_exposure(ns.host, auth)  # before the probe and the model scan
     studio = Studio(preset=ns.preset, models_dir=ns.models_dir, output_dir=ns.output_dir, data_dir=ns.data_dir)
     print(f"outputs go to {studio.output_dir}", flush=True)
     if studio.store is not None:
         print(f"generations go to the job queue in {studio.store.root} (run `infinite-talk serve --data-dir "
               f"{ns.data_dir}` to work it)", flush=True)
-    launch(studio, host=ns.host, port=ns.port)
+    launch(studio, host=ns.host, port=ns.port, auth=auth)
     return 0
 
 
@@ -595,7 +696,10 @@ def add_cli(subparsers) -> None:
     ui = subparsers.add_parser("ui", help="the web UI (Gradio): load models, generate, watch progress, cancel")
     ui.add_argument("--preset", choices=["tiny"], default=None, help=meta["preset"].metadata["help"])
     ui.add_argument("--models-dir", default=None, help=meta["models_dir"].metadata["help"])
-    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1; 0.0.0.0 for all)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1; any other address "
+                    "needs --auth)")
+    ui.add_argument("--auth", default=None, help=f"USER:PASSWORD the page and its API ask for (default: ${AUTH_ENV}; "
+                    "required beyond loopback)")
     ui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     ui.add_argument("--output-dir", default="outputs",
                     help="folder for the videos, sidecars and chunk previews (default ./outputs)")

@@ -147,8 +147,17 @@ def other_load_fields() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(LoadOptions) if f.name not in placed)
 
 
+def widget_choices(spec: ControlSpec) -> list[tuple[str, str]]:
+    """A choice control's (label, value) pairs with text values: Gradio documents a choice as a string (e.g. the
+    resolution as '480' | '720'), so the control holds exactly the string it documents (see `widget_value`)."""
+    return [(label, str(value)) for label, value in spec.choices]
+
+
 def widget_value(spec: ControlSpec, value: Any) -> Any:
     """The schema value of a widget's value (None: use the default / unset)."""
+    if spec.kind in ("dropdown", "radio"):
+        by_text = {str(v): v for _, v in spec.choices}
+        return by_text.get(str(value), value) if value is not None else None
     if spec.kind in ("number", "slider", "optional_number"):
         return _number(spec, value)
     if spec.kind == "lines":
@@ -170,6 +179,8 @@ def widget_default(spec: ControlSpec) -> Any:
         return "\n".join(spec.default or [])
     if spec.kind == "textbox":
         return spec.default or ""
+    if spec.kind in ("dropdown", "radio") and spec.default is not None:
+        return str(spec.default)
     return spec.default
 
 
