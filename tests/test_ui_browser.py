@@ -170,7 +170,7 @@ def _explained(server, **pages):
     except Exception as err:
         shown = []
         for name, page in pages.items():
-            for box in ("#load-status", "#run-status", "#run-progress"):
+            for box in ("#load-status", "#load-check", "#run-status", "#run-progress"):
                 try:
                     shown.append(f"{name} {box}: {page.inner_text(box, timeout=2000)!r}")
                 except Exception:  # the page itself may be gone
@@ -198,23 +198,42 @@ def test_ui_in_a_real_browser(server, page, sync_api, tmp_path):
         assert "Traceback" not in page.inner_text("body")
         expect(page.get_by_text("Use via API")).to_be_visible()
 
-        # 2. A choice this machine cannot run is listed with its reason and refused when picked; nothing loads.
+        # 2. A choice this machine cannot run is listed with its reason and cannot be picked: it goes back to the
+        #    last value that runs, at once, with the reason.
         name, value = _first_refused_choice()
+        default = C.field_default(LoadOptions, name)
+        statuses = C.choice_status(LoadOptions(preset="tiny"), probe())
+        default_label = next(s.label for s in statuses[name] if s.value == default)
         label = _pick(page, name, value)
         assert label.startswith(f"{value} — unavailable: ")
-        expect(page.locator("#load-check")).to_contain_text(f"Refused: {name}={value}: ")
+        check = page.locator("#load-check")
+        expect(check).to_contain_text(f"{C.LABELS[name]}: {value} is unavailable here (")
+        expect(check).to_contain_text(f"set back to {default}")
+        expect(page.locator(f"#{name.replace('_', '-')} input")).to_have_value(default_label)
+
+        # Every refusal at once, each on its own line: torch.compile on a CPU and sequence parallel in one process.
+        page.get_by_text("More load options").click()
+        page.locator("#compile input").check()
+        ulysses = page.locator("#ulysses input, #ulysses textarea").first
+        ulysses.click()
+        ulysses.press_sequentially("2")  # typed: Gradio's input event (fill() sets the value without it)
+        ulysses.press("Tab")
+        expect(check.locator("li")).to_have_count(2)
+        expect(check.locator("li").nth(0)).to_contain_text("compile=on: needs a CUDA GPU")
+        expect(check.locator("li").nth(1)).to_contain_text("ulysses=2: sequence parallel needs several processes")
         page.click("#load-btn")
-        expect(page.locator("#load-status")).to_contain_text(f"Not loaded. Refused: {name}={value}: ")
+        expect(page.locator("#load-status")).to_contain_text("Not loaded. Refused:")
         page.click("#run-btn")
         expect(page.locator("#run-status")).to_contain_text("No models are loaded")
+        page.reload()  # a fresh form (the defaults)
+        page.wait_for_selector("#load-btn")
 
-        # 3. Back to the default value: the load plan shows requested → effective, then the models load.
-        default = C.field_default(LoadOptions, name)
-        _pick(page, name, default)
-        expect(page.locator("#load-check")).to_contain_text(f"{name}: {default} → ")
+        # 3. The load plan shows requested → effective, then the models load.
+        expect(check).to_contain_text(f"{name}: {default} → ")
         page.click("#load-btn")
         expect(page.locator("#load-status")).to_contain_text("Models loaded (tiny geometry on cpu",
                                                              timeout=LONG_S * 1000)
+        expect(page.locator("#load-btn")).to_be_enabled()
         plan = page.input_value("#load-plan textarea")
         assert f"{name}: {default} → " in plan and "attention: auto → " in plan and "geometry: tiny" in plan
 
@@ -228,7 +247,12 @@ def test_ui_in_a_real_browser(server, page, sync_api, tmp_path):
         page.click("#run-btn")
         status = page.locator("#run-status")
         expect(status).to_contain_text("Done: 75 frames, 3.00 s, seed ", timeout=LONG_S * 1000)
-        expect(page.locator("#run-progress")).to_contain_text("chunk 1/1 · step 2/2")
+        expect(page.locator("#run-progress")).to_contain_text("finished: chunk 1/1 · step 2/2 · elapsed ")
+        expect(page.locator("#run-progress")).not_to_contain_text("ETA")  # no stale estimate after the run
+        bar = page.locator("#run-bar")
+        assert bar.get_attribute("value") == bar.get_attribute("max") == "2"
+        expect(page.locator("#run-btn")).to_have_text("Generate")
+        expect(page.locator("#run-btn")).to_be_enabled()
         seed = page.input_value("#seed-used textarea")
         assert re.fullmatch(r"\d+", seed) and f"seed {seed}," in status.inner_text()
         expect(page.locator("#previews img")).to_have_count(1)
@@ -255,6 +279,13 @@ def test_ui_in_a_real_browser(server, page, sync_api, tmp_path):
         assert sidecar["effective"]["steps"] == 2 and sidecar["effective"]["model_calls"] == 6
         assert "Traceback" not in page.inner_text("body")
 
+        # 6. The run is listed among this server's runs, with its video and sidecar.
+        run_folder = Path(sidecar_link.get_attribute("href")).parent.name
+        expect(page.locator("#recent-runs")).to_contain_text("completed")
+        expect(page.locator("#recent-files")).to_contain_text("talk.mp4")
+        expect(page.locator("#recent-files")).to_contain_text("talk.json")
+        assert run_folder
+
 
 def test_second_page_waits_with_its_position_and_cancel_keeps_the_finished_chunk(server, browser, sync_api,
                                                                                   tmp_path):
@@ -269,6 +300,8 @@ def test_second_page_waits_with_its_position_and_cancel_keeps_the_finished_chunk
         _fill_request(second, expect, _speech(tmp_path, 3), steps=2)
 
         first.click("#run-btn")
+        expect(first.locator("#run-btn")).to_be_disabled()  # busy while its job runs
+        expect(first.locator("#run-btn")).to_have_text("Generating…")
         expect(first.locator("#run-progress")).to_contain_text("chunk 1/2", timeout=LONG_S * 1000)
         second.click("#run-btn")
         expect(second.locator("#run-status")).to_contain_text(
@@ -279,6 +312,10 @@ def test_second_page_waits_with_its_position_and_cancel_keeps_the_finished_chunk
         status = first.locator("#run-status")
         expect(status).to_contain_text("Cancelled. cancelled at chunk 2/2", timeout=LONG_S * 1000)
         expect(status).to_contain_text("the 81 finished frames are kept in ")
+        expect(status).not_to_contain_text("Cancelling")  # the status line is replaced, not stacked
+        expect(first.locator("#run-progress")).to_contain_text("cancelled: chunk 2/2")
+        expect(first.locator("#run-progress")).not_to_contain_text("ETA")
+        expect(first.locator("#run-btn")).to_be_enabled()
         assert abs(_video_duration(first) - 81 / 25) < 0.1
 
         expect(second.locator("#run-status")).to_contain_text("Done: 75 frames, 3.00 s", timeout=LONG_S * 1000)

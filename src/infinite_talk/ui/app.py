@@ -11,11 +11,13 @@ import dataclasses
 import inspect
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import InfiniteTalkError, OptionError
-from ..media.request_check import check_request
+from ..media.frames import check_boxes
+from ..media.request_check import check_audio, check_reference, check_request
 from ..options import GenerateOptions, LoadOptions
 from ..service.network import is_loopback
 from . import controls as C
@@ -37,6 +39,10 @@ log = logging.getLogger("infinite_talk.ui")
 MAX_JOBS = 16  # handlers that may wait in our GPU queue at once (beyond that, Gradio's own queue holds them)
 AUTH_ENV = "INFINITE_TALK_UI_AUTH"
 MIN_PASSWORD_CHARS = 8
+CHOICE_MIN_WIDTH = 240  # px: a choice box shows its whole value ("auto → sdpa-native")
+RECENT_RUNS = 10
+# The bundled examples of a source checkout; an installed wheel has none and shows no examples.
+EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "tests" / "data" / "examples"
 PLAN_QUEUE = {"concurrency_limit": 1, "concurrency_id": "request-plan"}  # plan-box updates: in order
 
 
@@ -75,12 +81,11 @@ def _component(gr, spec: C.ControlSpec, **extra):
         return gr.Checkbox(value=value, **common)
     if spec.kind == "slider":
         return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, value=value, step=spec.step, **common)
-    if spec.kind == "number":
-        return gr.Number(value=value, minimum=spec.minimum, maximum=spec.maximum, step=spec.step,
-                         precision=0 if spec.integer else None, **common)
+    if spec.kind == "number":  # no minimum/maximum here: Gradio's refusal names no field; ours does (controls.py)
+        return gr.Number(value=value, step=spec.step, precision=0 if spec.integer else None, **common)
     if spec.kind == "optional_number":
         return gr.Textbox(value=value, placeholder=C.EMPTY_MEANS.get(spec.name, "empty: the default"), **common)
-    lines = {"negative_prompt": 3, "prompt": 2}.get(spec.name, 2 if spec.kind == "lines" else 1)
+    lines = {"negative_prompt": 3, "prompt": 2, "bbox": 1}.get(spec.name, 2 if spec.kind == "lines" else 1)
     return gr.Textbox(value=value, lines=lines, **common)
 
 
@@ -112,10 +117,12 @@ class ModelPanel:
     load_btn: Any
     load_status: Any
     load_plan: Any
+    accepted: Any  # gr.State: the last value of each choice that this machine can run (a refused pick goes back)
+    before_mode: Any  # gr.State: the generation values a mode preset replaced (restored when it is switched off)
 
     @property
     def inputs(self) -> set:
-        return {self.source, *self.widgets.values()}
+        return {self.source, *self.widgets.values(), self.accepted}
 
 
 @dataclasses.dataclass
@@ -127,6 +134,7 @@ class GeneratePanel:
     specs: dict[str, C.ControlSpec]
     image_column: Any
     image_preview: Any
+    checks: dict[str, Any]  # media field -> the upload check shown under its box
     input_check: Any
     request_plan: Any
     run_btn: Any
@@ -137,6 +145,8 @@ class GeneratePanel:
     result_video: Any
     sidecar: Any
     seed_used: Any
+    recent: Any
+    recent_files: Any
 
     @property
     def inputs(self) -> set:
@@ -204,9 +214,10 @@ def _model_panel(gr, studio: Studio) -> ModelPanel:
                 spec = C.field_spec(LoadOptions, name)
                 choices[name] = widgets[name] = gr.Dropdown(
                     choices=C.choice_pairs(initial_status[name]), value=spec.default, label=spec.label,
-                    info=spec.info, elem_id=name.replace("_", "-"))
+                    info=spec.info, elem_id=name.replace("_", "-"), min_width=CHOICE_MIN_WIDTH)
             widgets["device"] = gr.Dropdown(choices=C.device_choices(caps), value="auto", label="Device",
-                                            info=load_meta["device"].metadata["help"], elem_id="device")
+                                            info=load_meta["device"].metadata["help"], elem_id="device",
+                                            min_width=CHOICE_MIN_WIDTH)
         if C.other_load_fields():
             with gr.Accordion("More load options", open=False):
                 for name in C.other_load_fields():
@@ -218,16 +229,27 @@ def _model_panel(gr, studio: Studio) -> ModelPanel:
         load_status = gr.Markdown("No models loaded yet.", elem_id="load-status")
         load_plan = gr.Textbox(label="Effective load plan (option: requested → effective (reason))", lines=6,
                                interactive=False, elem_id="load-plan")
-    return ModelPanel(source, widgets, choices, load_check, availability, load_btn, load_status, load_plan)
+        accepted = gr.State({name: C.field_default(LoadOptions, name) for name in choices})
+        before_mode = gr.State({})
+    return ModelPanel(source, widgets, choices, load_check, availability, load_btn, load_status, load_plan, accepted,
+                      before_mode)
 
 
 def _generate_panel(gr, studio: Studio) -> GeneratePanel:
     fields: dict[str, Any] = {}
+    checks: dict[str, Any] = {}
     specs = {name: C.field_spec(GenerateOptions, name) for name in generate_fields()}
 
     def place(names):
         for name in names:
             fields[name] = _component(gr, specs[name])
+
+    def speech_box(name: str, elem_id: str):
+        with gr.Column():
+            # no "share" button: it posts to Hugging Face Spaces discussions, which this page is not
+            fields[name] = gr.Audio(type="filepath", sources=["upload", "microphone"], label=specs[name].label,
+                                    elem_id=elem_id, buttons=["download"])
+            checks[name] = gr.Markdown(elem_id=f"{elem_id}-check")
 
     with gr.Group():
         gr.Markdown("## 2 · Generate")
@@ -239,17 +261,19 @@ def _generate_panel(gr, studio: Studio) -> GeneratePanel:
                 fields["image"] = gr.File(type="filepath", file_types=["image"], label=specs["image"].label,
                                           elem_id="ref-image")
                 image_preview = gr.Image(label="Reference (as read)", interactive=False, height=160,
-                                         elem_id="ref-preview")
+                                         elem_id="ref-preview", buttons=["download"])
             fields["video"] = gr.Video(sources=["upload"], label=specs["video"].label, elem_id="ref-video",
                                        visible=False)
-            fields["audio"] = gr.Audio(type="filepath", sources=["upload", "microphone"],
-                                       label=specs["audio"].label, elem_id="audio1")
-            fields["audio2"] = gr.Audio(type="filepath", sources=["upload", "microphone"],
-                                        label=specs["audio2"].label, elem_id="audio2")
+            speech_box("audio", "audio1")
+            speech_box("audio2", "audio2")
+        checks["image"] = checks["video"] = gr.Markdown(elem_id="ref-check")
         input_check = gr.Markdown(elem_id="input-check")
+        _examples(gr, task, fields)
         with gr.Row():
             place(_placed("speakers"))
-        place(_placed("prompts"))
+        place([n for n in _placed("prompts") if n != "negative_prompt"])
+        with gr.Accordion("Negative prompt", open=False):
+            place([n for n in _placed("prompts") if n == "negative_prompt"])
         with gr.Row():
             with gr.Column():
                 place(_placed("sampling"))
@@ -268,7 +292,7 @@ def _generate_panel(gr, studio: Studio) -> GeneratePanel:
         with gr.Row():
             run_btn = gr.Button("Generate", variant="primary", elem_id="run-btn")
             cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
-        run_progress = gr.Markdown(elem_id="run-progress")
+        run_progress = gr.HTML(elem_id="run-progress")
         run_status = gr.Markdown(elem_id="run-status")
         previews = gr.Gallery(label="Finished chunks (last frame of each)", columns=8, height=160,
                               elem_id="previews", interactive=False)
@@ -278,24 +302,47 @@ def _generate_panel(gr, studio: Studio) -> GeneratePanel:
                 sidecar = gr.File(label="Sidecar JSON (requested vs effective options, timings)",
                                   interactive=False, elem_id="sidecar")
                 seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
-    return GeneratePanel(task, fields, specs, image_column, image_preview, input_check, request_plan, run_btn,
-                         cancel_btn, run_progress, run_status, previews, result_video, sidecar, seed_used)
+        with gr.Accordion("Runs of this server session", open=True):
+            recent = gr.Markdown("No runs yet.", elem_id="recent-runs")
+            recent_files = gr.File(label="Their videos and sidecars", file_count="multiple", interactive=False,
+                                   elem_id="recent-files")
+    return GeneratePanel(task, fields, specs, image_column, image_preview, checks, input_check, request_plan,
+                         run_btn, cancel_btn, run_progress, run_status, previews, result_video, sidecar, seed_used,
+                         recent, recent_files)
+
+
+def _examples(gr, task, fields: dict[str, Any]) -> None:
+    """The bundled portraits, speech and video (a source checkout's tests/data/examples) as clickable examples."""
+    wanted = [  # label, task, image, video, speech
+        ("portrait + English speech", C.TASK_IMAGE, "portrait.png", None, "speech_en.wav"),
+        ("landscape portrait + a second voice", C.TASK_IMAGE, "portrait_landscape.png", None,
+         "speech_en_speaker2.wav"),
+        ("video dubbing + Chinese speech", C.TASK_VIDEO, None, "reference_video.mp4", "speech_zh.wav"),
+    ]
+    rows, labels = [], []
+    for label, task_value, image, video, speech in wanted:
+        files = [EXAMPLES_DIR / name if name else None for name in (image, video, speech)]
+        if all(f is None or f.is_file() for f in files):
+            rows.append([task_value, *[str(f) if f else None for f in files]])
+            labels.append(label)
+    if rows:
+        gr.Examples(rows, [task, fields["image"], fields["video"], fields["audio"]], label="Examples (bundled)",
+                    example_labels=labels, cache_examples=False, api_visibility="private", elem_id="examples")
 
 
 def _default_form(specs: dict[str, C.ControlSpec]) -> dict[str, Any]:
     return {name: None if name in MEDIA_FIELDS else C.widget_default(spec) for name, spec in specs.items()}
 
 
-def _on_page_load(gr, fn, inputs: set, output) -> None:
-    """Run `fn(form)` once when a page opens and show its result in `output`. A one-shot timer, not
-    `Blocks.load`: inside a host app the tab has no Blocks of its own to listen to, and the event stays off the
-    API."""
+def _on_page_load(gr, fn, inputs: set, outputs: list) -> None:
+    """Run `fn(form)` (a dict of updates) once when a page opens. A one-shot timer, not `Blocks.load`: inside a
+    host app the tab has no Blocks of its own to listen to, and the event stays off the API."""
     timer = gr.Timer(0.1)
 
     def once(data):
-        return {output: fn(data), timer: gr.Timer(active=False)}
+        return {**fn(data), timer: gr.Timer(active=False)}
 
-    timer.tick(once, inputs, [output, timer], show_progress="hidden", api_visibility="private", **PLAN_QUEUE)
+    timer.tick(once, inputs, [*outputs, timer], show_progress="hidden", api_visibility="private", **PLAN_QUEUE)
 
 
 # ---- behaviour: model panel ----------------------------------------------------------------------------------------
@@ -309,42 +356,79 @@ def _wire_model_panel(gr, studio: Studio, model: ModelPanel, gen: GeneratePanel)
     choices, load_check, availability = model.choices, model.load_check, model.availability
 
     def refresh_load_panel(data):
+        """Relabel every choice for the current form; a pick this machine cannot run goes back to the last value
+        that could, at once, with the reason; every remaining refusal is listed, one line each."""
+        accepted = dict(data[model.accepted])
+        values = {n: data[c] for n, c in choices.items()}
+        device = data[model.widgets["device"]]
         try:
-            options = _read_load(studio, model, data)
-            error = None
+            status = studio.statuses(LoadOptions(**values, device=device))
+        except Exception:  # e.g. an impossible combination: default labels; the check below says why
+            status = studio.statuses(LoadOptions())
+        reset = []
+        for name, value in values.items():
+            row = next((r for r in status[name] if r.value == value), None)
+            if row is not None and not row.available:
+                back = accepted.get(name, C.field_default(LoadOptions, name))
+                reset.append(f"- {C.LABELS.get(name, name)}: {value} is unavailable here ({row.reason}); set back "
+                             f"to {back}")
+                values[name] = back
+            else:
+                accepted[name] = value
+        if reset:
+            data = {**data, **{choices[n]: v for n, v in values.items()}}
+        try:
+            options, error = _read_load(studio, model, data), None
         except Exception as err:  # an OptionError; anything else is shown the same way
             options, error = None, err if isinstance(err, InfiniteTalkError) else InfiniteTalkError(_message(err))
-        try:
-            base = options or LoadOptions(**{n: data[c] for n, c in choices.items()},
-                                          device=data[model.widgets["device"]])
-            status = studio.statuses(base)
-        except Exception:  # e.g. an impossible combination: keep default labels, show the refusal
-            status = studio.statuses(LoadOptions())
-        updates = {choices[n]: gr.update(choices=C.choice_pairs(status[n])) for n in choices}
-        updates[load_check] = C.load_check_text(options, caps, error)
+        updates = {choices[n]: gr.update(choices=C.choice_pairs(status[n]), value=values[n]) for n in choices}
+        check = C.load_check_text(options, caps, error)
+        if reset:
+            check = "**Not available on this machine:**\n\n" + "\n".join(reset) + "\n\n" + check
+        updates[load_check] = check
         updates[availability] = C.availability_table(status)
+        updates[model.accepted] = accepted
         return updates
 
-    panel_outputs = [*choices.values(), load_check, availability]
+    panel_outputs = [*choices.values(), load_check, availability, model.accepted]
     # One listener for all triggers, so a slow earlier refresh cannot overwrite a newer one.
-    gr.on([comp.input for comp in model.inputs], refresh_load_panel, model.inputs, panel_outputs,
-          show_progress="hidden", concurrency_limit=None, trigger_mode="always_last", api_visibility="private")
+    triggers = [comp.input for name, comp in model.widgets.items() if name != "mode"] + [model.source.input]
+    gr.on(triggers, refresh_load_panel, model.inputs, panel_outputs, show_progress="hidden",
+          concurrency_limit=None, trigger_mode="always_last", api_visibility="private")
 
     if "mode" in choices:
+        mode_inputs = model.inputs | gen.inputs | {model.before_mode}
+
         def on_mode(data):
-            """A preset fills the fields it sets, visibly; they stay editable and are what runs."""
-            try:
-                load_values = {n: data[c] for n, c in choices.items()}
-                load_values["device"] = data[model.widgets["device"]]
-                load_set, gen_set = C.mode_preset(load_values, caps)
-            except Exception as err:
-                return {load_check: f"**Mode:** {_message(err)}"}
-            updates = {choices[n]: v for n, v in load_set.items() if n in choices}
-            updates.update({gen.fields[n]: C.widget_default(dataclasses.replace(gen.specs[n], default=v))
-                            for n, v in gen_set.items() if n in gen.fields})
+            """A mode preset fills the fields it sets, visibly, and only when this machine accepts it; switching
+            back restores the values the user had."""
+            values = {n: data[c] for n, c in choices.items()}
+            values["device"] = data[model.widgets["device"]]
+            saved = dict(data[model.before_mode])
+            updates: dict = {}
+            if values["mode"] == "standard":
+                updates.update({gen.fields[n]: v for n, v in saved.items() if n in gen.fields})
+                updates[model.before_mode] = {}
+            else:
+                try:
+                    options = _read_load(studio, model, data)
+                    C.preflight(options, caps)
+                    load_set, gen_set = C.mode_preset(values, caps)
+                except Exception as err:  # refused: the mode goes back, nothing else changes
+                    updates[choices["mode"]] = gr.update(value=data[model.accepted].get("mode", "standard"))
+                    updates[load_check] = f"**Mode {values['mode']} refused:** {_message(err)}"
+                    return updates
+                updates.update({choices[n]: v for n, v in load_set.items() if n in choices})
+                fill = {n: C.widget_default(dataclasses.replace(gen.specs[n], default=v))
+                        for n, v in gen_set.items() if n in gen.fields}
+                if not saved:  # the user's own values, from before the first preset
+                    saved = {n: data[gen.fields[n]] for n in fill}
+                updates.update({gen.fields[n]: v for n, v in fill.items()})
+                updates[model.before_mode] = saved
             return updates
 
-        choices["mode"].input(on_mode, model.inputs, [*choices.values(), load_check, *gen.fields.values()],
+        choices["mode"].input(on_mode, mode_inputs, [*choices.values(), load_check, model.before_mode,
+                                                     *gen.fields.values()],
                               show_progress="hidden", concurrency_limit=None, api_visibility="private").then(
             refresh_load_panel, model.inputs, panel_outputs, show_progress="hidden", concurrency_limit=None,
             api_visibility="private")
@@ -358,12 +442,13 @@ def _wire_model_panel(gr, studio: Studio, model: ModelPanel, gen: GeneratePanel)
                                         else InfiniteTalkError(_message(err)))
             yield {model.load_status: f"**Not loaded.** {refusal}", load_check: refusal}
             return
+        yield {model.load_btn: gr.update(value="Loading…", interactive=False)}
         try:
             job = studio.submit(request.session_hash,
                                 lambda job: studio.load(options, say=lambda m: job.emit("message", m)),
                                 cancellable=False)
         except Exception as err:
-            yield {model.load_status: f"**Not loaded.** {_message(err)}"}
+            yield {model.load_status: f"**Not loaded.** {_message(err)}", model.load_btn: idle}
             return
         for kind, payload in job.iter_events():
             if kind == "waiting":
@@ -375,12 +460,15 @@ def _wire_model_panel(gr, studio: Studio, model: ModelPanel, gen: GeneratePanel)
             elif kind == "done":
                 yield {model.load_status: f"**Models loaded** ({payload.get('geometry')} geometry on "
                                           f"{payload.get('device')}).",
-                       model.load_plan: C.load_plan_text(payload), load_check: C.load_check_text(options, caps)}
+                       model.load_plan: C.load_plan_text(payload), load_check: C.load_check_text(options, caps),
+                       model.load_btn: idle}
             elif kind == "failed":
                 text = C.failure_text(payload, load=options, statuses=studio.statuses(options))
-                yield {model.load_status: f"**Loading failed.** {text} No models are loaded now."}
+                yield {model.load_status: f"**Loading failed.** {text} No models are loaded now.",
+                       model.load_btn: idle}
 
-    model.load_btn.click(on_load, model.inputs, [model.load_status, model.load_plan, load_check],
+    idle = gr.update(value="Load models", interactive=True)
+    model.load_btn.click(on_load, model.inputs, [model.load_status, model.load_plan, load_check, model.load_btn],
                          concurrency_limit=MAX_JOBS, concurrency_id="gpu-jobs", show_progress="minimal",
                          api_visibility="private").then(
         _plan_handler(studio, gen), gen.inputs, gen.request_plan, show_progress="hidden", api_visibility="private",
@@ -395,7 +483,11 @@ def _plan_text(studio: Studio, task: str, values: dict[str, Any]) -> str:
         try:
             frames = audio_frames(request)
         except (InfiniteTalkError, OSError) as err:
-            return f"**Speaker audio:** {err}"
+            return f"**Speaker audio:** {_message(err)}"
+        reference = request.image or request.video
+        if request.bbox and reference:  # boxes against the reference now, not at run time
+            ref = check_reference(reference)
+            check_boxes(request.bbox, 2 if request.audio2 else 1, ref.height, ref.width)
         plan = studio.pipeline.plan_request(request, frames)
         estimate = {"time": C.time_estimate(plan, studio.calibration), "memory": studio.memory_text()}
         return C.plan_box_text(plan, estimate, C.mode_lines(studio.pipeline.load_options, request))
@@ -409,10 +501,57 @@ def _plan_handler(studio: Studio, gen: GeneratePanel):
     return plan_box
 
 
+def _reference_text(path, task_value) -> tuple[Any, str]:
+    """An uploaded reference decoded now: its first frame and a line under the box, or the refusal."""
+    if not path:
+        return None, ""
+    try:
+        reference_kind(path, task_value)
+        info = check_reference(path)
+        from ..media.frames import FrameSource
+
+        source = FrameSource(path)
+        try:
+            first = source.first_frame()
+        finally:
+            source.close()
+        what = f"video, {info.frames} frames at {info.fps:g} fps" if info.is_video else "picture"
+        return first, f"✓ {Path(path).name}: {info.width}×{info.height} {what}"
+    except Exception as err:
+        return None, f"**Reference refused:** {_message(err)}"
+
+
+def _speech_text(path, label: str) -> str:
+    """An uploaded speech file decoded now (codec, duration, channels): a line under its box, or the refusal."""
+    if not path:
+        return ""
+    try:
+        return C.speech_check_text(check_audio(path), label)
+    except Exception as err:
+        return f"**{label} refused:** {_message(err)}"
+
+
+def _recent_runs(studio: Studio, since: float) -> tuple[str, list[str]]:
+    """This server's runs since it started, newest first: a table and their videos and sidecars."""
+    runs = C.recent_runs(studio.output_dir, since, RECENT_RUNS)
+    if not runs:
+        return "No runs yet.", []
+    rows = ["| run | status | frames | steps | seed |", "|---|---|---|---|---|"]
+    rows += [f"| {r['folder']} | {r['status']} | {r['frames']} | {r['steps']} | {r['seed']} |" for r in runs]
+    files = [f for r in runs for f in (r["video"], r["sidecar"]) if f]
+    return "\n".join(rows), files
+
+
 def _wire_generate_panel(gr, studio: Studio, gen: GeneratePanel) -> None:
     fields, task = gen.fields, gen.task
     plan_box = _plan_handler(studio, gen)
-    _on_page_load(gr, plan_box, gen.inputs, gen.request_plan)
+    since = time.time()
+
+    def on_page_load(data):
+        recent, files = _recent_runs(studio, since)
+        return {gen.request_plan: plan_box(data), gen.recent: recent, gen.recent_files: files}
+
+    _on_page_load(gr, on_page_load, gen.inputs, [gen.request_plan, gen.recent, gen.recent_files])
     # One at a time, in order (PLAN_QUEUE): run in parallel, a slow update started by an audio upload could finish
     # after a later one and show the plan of a stale form (seen in the browser test).
     gr.on([task.change, *(comp.change for comp in fields.values())], plan_box, gen.inputs, gen.request_plan,
@@ -421,42 +560,48 @@ def _wire_generate_panel(gr, studio: Studio, gen: GeneratePanel) -> None:
                 [gen.image_column, fields["video"]], show_progress="hidden", concurrency_limit=None,
                 api_visibility="private")
 
-    def check_reference(path, task_value):
-        """Decode the upload now: a preview, or a message naming the file and the fix."""
-        if not path:
-            return None, ""
-        try:
-            reference_kind(path, task_value)
-            from ..media.frames import FrameSource
-
-            return FrameSource(path).first_frame(), ""
-        except Exception as err:
-            return None, f"**Reference:** {_message(err)}"
-
-    fields["image"].change(check_reference, [fields["image"], task], [gen.image_preview, gen.input_check],
+    # Each upload is checked when it arrives; the message stays under its box until the input changes.
+    fields["image"].change(_reference_text, [fields["image"], task], [gen.image_preview, gen.checks["image"]],
                            show_progress="hidden", concurrency_limit=None, api_visibility="private")
-    fields["video"].change(lambda path, t: check_reference(path, t)[1], [fields["video"], task], gen.input_check,
-                           show_progress="hidden", concurrency_limit=None, api_visibility="private")
+    fields["video"].change(lambda path, t: _reference_text(path, t)[1], [fields["video"], task],
+                           gen.checks["video"], show_progress="hidden", concurrency_limit=None,
+                           api_visibility="private")
+    for name in ("audio", "audio2"):
+        fields[name].change(lambda path, label=gen.specs[name].label: _speech_text(path, label), fields[name],
+                            gen.checks[name], show_progress="hidden", concurrency_limit=None,
+                            api_visibility="private")
 
-    outputs = [gen.run_status, gen.run_progress, gen.previews, gen.result_video, gen.sidecar, gen.seed_used]
-    gen.run_btn.click(_generate_handler(gr, studio, gen), gen.inputs, outputs, concurrency_limit=MAX_JOBS,
-                      concurrency_id="gpu-jobs", show_progress="minimal", api_visibility="private").then(
+    outputs = [gen.run_status, gen.run_progress, gen.previews, gen.result_video, gen.sidecar, gen.seed_used,
+               gen.run_btn]
+    run = _generate_handler(gr, studio, gen)
+
+    def on_generate(data, request: gr.Request):
+        yield from run(data, request)
+        recent, files = _recent_runs(studio, since)
+        yield {gen.recent: recent, gen.recent_files: files}
+
+    gen.run_btn.click(on_generate, gen.inputs, [*outputs, gen.recent, gen.recent_files],
+                      concurrency_limit=MAX_JOBS, concurrency_id="gpu-jobs", show_progress="hidden",
+                      api_visibility="private").then(
         plan_box, gen.inputs, gen.request_plan, show_progress="hidden", api_visibility="private", **PLAN_QUEUE)
 
-    def on_cancel(request: gr.Request):
+    def on_cancel(request: gr.Request):  # in the status line the run's own end message then replaces
         return f"**{studio.cancel(request.session_hash)}**"
 
-    gen.cancel_btn.click(on_cancel, None, gen.run_progress, concurrency_limit=None, show_progress="hidden",
+    gen.cancel_btn.click(on_cancel, None, gen.run_status, concurrency_limit=None, show_progress="hidden",
                          api_visibility="private")
 
 
 def _generate_handler(gr, studio: Studio, gen: GeneratePanel):
+    """The Generate button's handler: check, queue, follow the job (a generator of page updates)."""
     task = gen.task
     run_status, run_progress, previews = gen.run_status, gen.run_progress, gen.previews
-    result_video, sidecar, seed_used = gen.result_video, gen.sidecar, gen.seed_used
+    result_video, sidecar, seed_used, run_btn = gen.result_video, gen.sidecar, gen.seed_used, gen.run_btn
+    idle = gr.update(value="Generate", interactive=True)
 
     def on_generate(data, request: gr.Request):
-        yield {run_status: "Checking the request…", run_progress: ""}
+        yield {run_status: "Checking the request…", run_progress: "",
+               run_btn: gr.update(value="Generating…", interactive=False)}
         req = None
         try:
             studio.require_models()
@@ -464,10 +609,12 @@ def _generate_handler(gr, studio: Studio, gen: GeneratePanel):
             C.check_inputs(req, data[task])
             reference_kind(req.image or req.video, data[task])
             # every input and the output folder, before the run is queued (the same check as CLI and service)
-            check_request(dataclasses.replace(req, out=str(Path(studio.output_dir) / "talk.mp4")))
+            checked = check_request(dataclasses.replace(req, out=str(Path(studio.output_dir) / "talk.mp4")))
+            for audio, name in zip(checked.audio, ("audio", "audio2")):  # too short: refused before a folder exists
+                C.speech_check_text(audio, gen.specs[name].label)
             req = dataclasses.replace(req, out=str(studio.new_output_path()))  # a folder only for real runs
             shown: list[tuple[str, str]] = []
-            total = {"chunks": None}
+            last = {"info": None}
 
             def save_preview(job, k: int, frames) -> None:
                 from PIL import Image
@@ -483,7 +630,7 @@ def _generate_handler(gr, studio: Studio, gen: GeneratePanel):
 
             job = studio.submit(request.session_hash, work)
         except Exception as err:
-            yield {run_status: f"**Not started.** {_message(err)}"}
+            yield {run_status: f"**Not started.** {_message(err)}", run_btn: idle}
             return
         finished = False
         try:
@@ -494,24 +641,28 @@ def _generate_handler(gr, studio: Studio, gen: GeneratePanel):
                     yield {run_status: f"Running… output folder: {Path(req.out).parent}", previews: [],
                            result_video: None, sidecar: None, seed_used: ""}
                 elif kind == "progress":
-                    total["chunks"] = payload["chunks"]
-                    yield {run_progress: C.progress_text(payload)}
+                    last["info"] = payload
+                    yield {run_progress: C.progress_html(payload)}
                 elif kind == "chunk":
                     k, path = payload
-                    shown.append((path, f"chunk {k + 1}/{total['chunks'] or '?'}"))
+                    chunks = last["info"]["chunks"] if last["info"] else "?"
+                    shown.append((path, f"chunk {k + 1}/{chunks}"))
                     yield {previews: list(shown)}
                 elif kind == "done":
                     eff = payload.sidecar["effective"]
                     yield {run_status: f"**Done:** {payload.frames} frames, {payload.duration_s:.2f} s, seed "
                                        f"{payload.seed}, {eff['scheduler']} {eff['steps']} steps × "
                                        f"{eff['passes_per_step']} passes. Saved as {payload.video_path}",
+                           run_progress: C.progress_html(last["info"], "finished"),
                            result_video: str(payload.video_path), sidecar: str(payload.sidecar_path),
-                           seed_used: str(payload.seed)}
+                           seed_used: str(payload.seed), run_btn: idle}
                 elif kind in ("cancelled", "failed"):
                     loaded = studio.pipeline.load_options or LoadOptions()
-                    text = payload if kind == "cancelled" else C.failure_text(
+                    text = C.page_text(str(payload)) if kind == "cancelled" else C.failure_text(
                         payload, req, loaded, studio.statuses(loaded))
-                    yield {run_status: f"**{'Cancelled' if kind == 'cancelled' else 'Failed'}.** {text}",
+                    word = "Cancelled" if kind == "cancelled" else "Failed"
+                    yield {run_status: f"**{word}.** {text}", run_btn: idle,
+                           run_progress: C.progress_html(last["info"], word.lower()),
                            **_partial(req, result_video, sidecar, seed_used)}
             finished = True
         finally:
