@@ -170,7 +170,7 @@ def _explained(server, **pages):
     except Exception as err:
         shown = []
         for name, page in pages.items():
-            for box in ("#load-status", "#load-check", "#run-status", "#run-progress"):
+            for box in ("#load-status", "#load-check", "#audio1-check", "#ref-check", "#run-status", "#run-progress"):
                 try:
                     shown.append(f"{name} {box}: {page.inner_text(box, timeout=2000)!r}")
                 except Exception:  # the page itself may be gone
@@ -282,8 +282,8 @@ def test_ui_in_a_real_browser(server, page, sync_api, tmp_path):
         # 6. The run is listed among this server's runs, with its video and sidecar.
         run_folder = Path(sidecar_link.get_attribute("href")).parent.name
         expect(page.locator("#recent-runs")).to_contain_text("completed")
-        expect(page.locator("#recent-files")).to_contain_text("talk.mp4")
-        expect(page.locator("#recent-files")).to_contain_text("talk.json")
+        expect(page.locator("#recent-files")).to_contain_text(".mp4")
+        expect(page.locator("#recent-files")).to_contain_text(".json")
         assert run_folder
 
 

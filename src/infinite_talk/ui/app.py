@@ -448,7 +448,7 @@ def _wire_model_panel(gr, studio: Studio, model: ModelPanel, gen: GeneratePanel)
                                 lambda job: studio.load(options, say=lambda m: job.emit("message", m)),
                                 cancellable=False)
         except Exception as err:
-            yield {model.load_status: f"**Not loaded.** {_message(err)}", model.load_btn: idle}
+            yield {model.load_status: f"**Not loaded.** {_message(err)}", model.load_btn: idle()}
             return
         for kind, payload in job.iter_events():
             if kind == "waiting":
@@ -461,13 +461,14 @@ def _wire_model_panel(gr, studio: Studio, model: ModelPanel, gen: GeneratePanel)
                 yield {model.load_status: f"**Models loaded** ({payload.get('geometry')} geometry on "
                                           f"{payload.get('device')}).",
                        model.load_plan: C.load_plan_text(payload), load_check: C.load_check_text(options, caps),
-                       model.load_btn: idle}
+                       model.load_btn: idle()}
             elif kind == "failed":
                 text = C.failure_text(payload, load=options, statuses=studio.statuses(options))
                 yield {model.load_status: f"**Loading failed.** {text} No models are loaded now.",
-                       model.load_btn: idle}
+                       model.load_btn: idle()}
 
-    idle = gr.update(value="Load models", interactive=True)
+    def idle():  # a new update each time: Gradio consumes an update's value when it sends it
+        return gr.update(value="Load models", interactive=True)
     model.load_btn.click(on_load, model.inputs, [model.load_status, model.load_plan, load_check, model.load_btn],
                          concurrency_limit=MAX_JOBS, concurrency_id="gpu-jobs", show_progress="minimal",
                          api_visibility="private").then(
@@ -597,7 +598,8 @@ def _generate_handler(gr, studio: Studio, gen: GeneratePanel):
     task = gen.task
     run_status, run_progress, previews = gen.run_status, gen.run_progress, gen.previews
     result_video, sidecar, seed_used, run_btn = gen.result_video, gen.sidecar, gen.seed_used, gen.run_btn
-    idle = gr.update(value="Generate", interactive=True)
+    def idle():  # a new update each time: Gradio consumes an update's value when it sends it
+        return gr.update(value="Generate", interactive=True)
 
     def on_generate(data, request: gr.Request):
         yield {run_status: "Checking the request…", run_progress: "",
@@ -630,7 +632,7 @@ def _generate_handler(gr, studio: Studio, gen: GeneratePanel):
 
             job = studio.submit(request.session_hash, work)
         except Exception as err:
-            yield {run_status: f"**Not started.** {_message(err)}", run_btn: idle}
+            yield {run_status: f"**Not started.** {_message(err)}", run_btn: idle()}
             return
         finished = False
         try:
@@ -655,13 +657,13 @@ def _generate_handler(gr, studio: Studio, gen: GeneratePanel):
                                        f"{eff['passes_per_step']} passes. Saved as {payload.video_path}",
                            run_progress: C.progress_html(last["info"], "finished"),
                            result_video: str(payload.video_path), sidecar: str(payload.sidecar_path),
-                           seed_used: str(payload.seed), run_btn: idle}
+                           seed_used: str(payload.seed), run_btn: idle()}
                 elif kind in ("cancelled", "failed"):
                     loaded = studio.pipeline.load_options or LoadOptions()
                     text = C.page_text(str(payload)) if kind == "cancelled" else C.failure_text(
                         payload, req, loaded, studio.statuses(loaded))
                     word = "Cancelled" if kind == "cancelled" else "Failed"
-                    yield {run_status: f"**{word}.** {text}", run_btn: idle,
+                    yield {run_status: f"**{word}.** {text}", run_btn: idle(),
                            run_progress: C.progress_html(last["info"], word.lower()),
                            **_partial(req, result_video, sidecar, seed_used)}
             finished = True
