@@ -31,7 +31,7 @@ def test_controls_carry_the_schema_help_choices_and_ranges():
     meta = {f.name: f.metadata for f in dataclasses.fields(GenerateOptions)}
     steps = C.field_spec(GenerateOptions, "steps")
     assert (steps.kind, steps.minimum, steps.maximum, steps.integer, steps.default) == ("number", 1, 1000, True, 40)
-    assert steps.info == meta["steps"]["help"]
+    assert steps.info == f"{meta['steps']['help']} (1 to 1000)"
     text = C.field_spec(GenerateOptions, "text_scale")
     assert (text.kind, text.minimum, text.maximum, text.step, text.integer) == ("slider", 0.0, 50.0, 0.1, False)
     sched = C.field_spec(GenerateOptions, "scheduler")
@@ -78,7 +78,7 @@ def test_load_check_shows_the_plan_or_the_refusal():
     ok = C.load_check_text(LoadOptions(preset="tiny"), CPU)
     assert "attention: auto → sdpa-native (" in ok and "device: auto → cpu" in ok
     refused = C.load_check_text(LoadOptions(preset="tiny", attention="flash_attn_3"), CPU)
-    assert refused.startswith("**Refused:** attention=flash_attn_3: needs a Hopper GPU")
+    assert refused.startswith("**Refused:**\n\n- attention=flash_attn_3: needs a Hopper GPU")
     assert "never swapped" in refused
     table = C.availability_table(C.choice_status(LoadOptions(), CPU))
     assert "| attention | flash_attn_3 | ✗ unavailable: needs a Hopper GPU" in table
@@ -171,12 +171,12 @@ def test_failures_become_one_message_without_a_traceback():
     assert C.failure_text(NotLoadedError("Transformer is not loaded")) == "Transformer is not loaded"
     oom = C.failure_text(MemoryError("cannot allocate 40 GiB"), GenerateOptions(size=720),
                          LoadOptions(model_precision="fp32"), C.choice_status(LoadOptions(), CPU))
-    assert oom.startswith("Out of memory (MemoryError: cannot allocate 40 GiB)")
+    assert oom.startswith("Out of memory (cannot allocate 40 GiB)")
     assert "resolution 480" in oom and "model precision fp16 or bf16 (half of fp32" in oom and "Finished chunks are kept" in oom
     cuda_like = C.failure_text(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"))
-    assert cuda_like.startswith("Out of memory (RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB)")
+    assert cuda_like.startswith("Out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
     other = C.failure_text(KeyError("boom"))
-    assert other.startswith("Internal error: KeyError: 'boom'.") and "server keeps running" in other
+    assert other.startswith("Internal error: 'boom'.") and "server keeps running" in other
     assert "Traceback" not in other
 
 
@@ -251,3 +251,65 @@ def test_a_launched_ui_asks_scripts_for_the_login(tmp_path):
         assert "/generate" in client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     finally:
         demo.close()
+
+
+# ---- #20: refusals together, page wording, boxes, speech minimum, recent runs ---------------------------------------
+def test_every_refusal_is_listed_on_its_own_line():
+    text = C.load_check_text(LoadOptions(preset="tiny", compile=True, ulysses=2), CPU)
+    lines = [line for line in text.splitlines() if line.startswith("- ")]
+    assert len(lines) == 2 and lines[0].startswith("- compile=on: ") and lines[1].startswith("- ulysses=2: ")
+    table = C.availability_table(C.choice_status(LoadOptions(preset="tiny"), CPU))
+    assert "| compile | on | ✗ unavailable: needs a CUDA GPU" in table
+
+
+def test_messages_use_the_users_file_name_and_the_pages_fields(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    raw = f"{tmp_path}/gradio/0a1b2c/my face.png: not a readable image (UnidentifiedImageError: cannot identify)"
+    assert C.page_text(raw) == "my face.png: not a readable image (cannot identify)"
+    assert C.page_text("pass --lora FILE or set --steps 4") == "pass a file under 'LoRA files' or set Steps 4"
+    with pytest.raises(OptionError) as err:
+        C.request_from_form(C.TASK_IMAGE, {"steps": 5000})
+    assert C.failure_text(err.value) == "Steps: 5000 is outside [1, 1000]"
+    assert C.failure_text(ValueError("boom")).startswith("Internal error: boom.")
+
+
+def test_speaker_boxes_accept_the_documented_and_the_json_form():
+    assert C.parse_bbox("0 0 10 20; 5 6 7 8") == C.parse_bbox("[[0, 0, 10, 20], [5, 6, 7, 8]]") == [
+        [0, 0, 10, 20], [5, 6, 7, 8]]
+    assert "row_min col_min row_max col_max" in C.field_spec(GenerateOptions, "bbox").info
+    with pytest.raises(InputError, match="Speaker boxes: box 1"):
+        C.parse_bbox("1 2 3")
+
+
+def test_resolution_is_documented_and_accepted_as_text():
+    size = C.field_spec(GenerateOptions, "size")
+    assert C.widget_choices(size) == [("480", "480"), ("720", "720")] and C.widget_default(size) == "480"
+    assert C.request_from_form(C.TASK_IMAGE, {"size": "720"}).size == 720
+
+
+def test_too_short_speech_is_refused_with_the_minimum(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from infinite_talk.media.request_check import check_audio
+
+    sf.write(tmp_path / "short.wav", np.zeros(1600, dtype="float32"), 16000)
+    with pytest.raises(InputError, match=r"short.wav is 0.10 s long; speech must be at least 0.5 s"):
+        C.speech_check_text(check_audio(tmp_path / "short.wav"), "Speaker 1 audio")
+    sf.write(tmp_path / "ok.wav", np.zeros((16000, 2), dtype="float32"), 16000)
+    assert C.speech_check_text(check_audio(tmp_path / "ok.wav"), "x") == "✓ ok.wav: 1.00 s, stereo, 16000 Hz"
+
+
+def test_recent_runs_come_from_the_sidecars_of_this_session(tmp_path):
+    import json
+    import os
+
+    for name, status, mtime in (("old", "completed", 100.0), ("a", "completed", 2000.0), ("b", "cancelled", 3000.0)):
+        (tmp_path / name).mkdir()
+        side = tmp_path / name / "talk.json"
+        side.write_text(json.dumps({"status": status, "seed": 1, "effective": {"steps": 2}, "output": {"frames": 25}}))
+        os.utime(side, (mtime, mtime))
+    (tmp_path / "a" / "talk.mp4").write_bytes(b"x")
+    runs = C.recent_runs(tmp_path, since=1000.0)
+    assert [(r["folder"], r["status"], r["video"] is not None) for r in runs] == [("b", "cancelled", False),
+                                                                                 ("a", "completed", True)]
