@@ -378,3 +378,54 @@ def test_gradio_client_loads_generates_and_downloads(server, tmp_path):
     assert (info.frames, info.video_codec, info.audio_codec) == (25, "h264", "aac")
     sidecar = json.loads(Path(sidecar_path).read_text())
     assert sidecar["status"] == "completed" and sidecar["seed"] == 7 and sidecar["effective"]["steps"] == 2
+
+
+def test_inputs_checked_on_upload_refusals_by_name_and_a_compact_page(server, page, sync_api, tmp_path):
+    """Uploads are checked when they arrive (message under the box, the user's file name); a run refused before it
+    starts writes nothing; out-of-range numbers and the refused fast mode are named on the page; examples fill
+    the form; rarely changed fields are folded; audio boxes have no Share button."""
+    expect = sync_api.expect
+    with _explained(server, page=page):
+        bad = tmp_path / "my notes.wav"
+        bad.write_text("hello, this is not audio")
+        page.locator("#audio1 input[type=file]").set_input_files(str(bad))
+        check = page.locator("#audio1-check")
+        expect(check).to_contain_text("Refused: my notes.wav: cannot decode audio")
+        expect(check).not_to_contain_text("/gradio/")
+        short = tmp_path / "short.wav"
+        data, rate = sf.read(EXAMPLES / "speech_en.wav", dtype="float32")
+        sf.write(short, data[: rate // 10], rate)
+        page.locator("#audio2 input[type=file]").set_input_files(str(short))
+        expect(page.locator("#audio2-check")).to_contain_text(
+            "Refused: Speaker 2 audio (optional): short.wav is 0.10 s long; speech must be at least 0.5 s")
+        fake = tmp_path / "face.png"
+        fake.write_text("not a picture")
+        page.locator("#ref-image input[type=file]").set_input_files(str(fake))
+        expect(page.locator("#ref-check")).to_contain_text("Reference refused: face.png: not a readable image")
+        assert "Error:" not in page.inner_text("#ref-check")
+
+        before = set(server["outputs"].iterdir()) if server["outputs"].exists() else set()
+        page.click("#run-btn")
+        expect(page.locator("#run-status")).to_contain_text("Not started.")
+        after = set(server["outputs"].iterdir()) if server["outputs"].exists() else set()
+        assert after == before  # nothing written for a run that never started
+
+        steps = page.locator("#steps input")
+        steps.fill("5000")
+        steps.press("Tab")
+        expect(page.locator("#request-plan")).to_contain_text("Steps: 5000 is outside [1, 1000]")
+
+        _pick(page, "mode", "fast")
+        expect(page.locator("#load-check")).to_contain_text("Mode fast refused:")
+        expect(page.locator("#load-check")).to_contain_text("'LoRA files'")
+        expect(page.locator("#load-check")).not_to_contain_text("--lora")
+        expect(page.locator("#mode input")).to_have_value("standard")
+        assert page.input_value("#steps input") == "5000"  # a refused mode changes nothing
+
+        page.locator("#examples").get_by_text("portrait + English speech").click()
+        expect(page.locator("#ref-check")).to_contain_text("✓ portrait.png: ")
+        expect(check).to_contain_text("✓ speech_en.wav: ")
+        expect(page.locator("#audio1 button[aria-label*='Share' i], #audio1 button[title*='Share' i]")).to_have_count(0)
+        expect(page.locator("#negative-prompt")).to_be_hidden()  # folded
+        attention = page.locator("#attention input")
+        assert attention.evaluate("e => e.scrollWidth <= e.clientWidth")  # "auto → sdpa-native" fits

@@ -529,7 +529,7 @@ def _speech_text(path, label: str) -> str:
     try:
         return C.speech_check_text(check_audio(path), label)
     except Exception as err:
-        return f"**{label} refused:** {_message(err)}"
+        return f"**Refused:** {_message(err)}"  # under its box: the file's name says which
 
 
 def _recent_runs(studio: Studio, since: float) -> tuple[str, list[str]]:
