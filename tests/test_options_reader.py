@@ -15,8 +15,9 @@ from infinite_talk.errors import OptionError
 from infinite_talk.flags import flag_name
 from infinite_talk.options import GenerateOptions, LoadOptions, read
 from infinite_talk.plan.planner import resolve
-from infinite_talk.plan.probe import Capabilities, simulated
+from infinite_talk.plan.probe import Capabilities
 from infinite_talk.service.uploads import UploadRefused, parse_options
+from infinite_talk.testing.machines import simulated
 from infinite_talk.ui import controls as C
 
 CPU = simulated("cpu")
