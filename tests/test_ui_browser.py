@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urljoin
 
 import pytest
 import soundfile as sf
@@ -62,17 +63,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, sync_api):
-    folder = tmp_path_factory.mktemp("ui")
+@contextlib.contextmanager
+def _serving(folder: Path, command: list[str]):
+    """Start a UI server process (`command` after the Python interpreter) and wait until it answers."""
     port = _free_port()
     env = {**os.environ, "INFINITE_TALK_CACHE": str(folder / "cache"), "GRADIO_ANALYTICS_ENABLED": "False",
            "GRADIO_TEMP_DIR": str(folder / "gradio"), "HF_HUB_OFFLINE": "1"}
     log = open(folder / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "infinite_talk.cli", "ui", "--preset", "tiny", "--host", "127.0.0.1", "--port",
-         str(port), "--output-dir", str(folder / "outputs")],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen([sys.executable, *[str(port) if c == "PORT" else c for c in command]],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + SERVER_START_S
     try:
@@ -98,6 +97,14 @@ def server(tmp_path_factory, sync_api):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, sync_api):
+    folder = tmp_path_factory.mktemp("ui")
+    with _serving(folder, ["-m", "infinite_talk.cli", "ui", "--preset", "tiny", "--host", "127.0.0.1", "--port",
+                               "PORT", "--output-dir", str(folder / "outputs")]) as served:
+        yield served
 
 
 @pytest.fixture
@@ -164,7 +171,7 @@ def _explained(server, **pages):
     except Exception as err:
         shown = []
         for name, page in pages.items():
-            for box in ("#load-status", "#run-status", "#run-progress"):
+            for box in ("#load-status", "#load-check", "#audio1-check", "#ref-check", "#run-status", "#run-progress"):
                 try:
                     shown.append(f"{name} {box}: {page.inner_text(box, timeout=2000)!r}")
                 except Exception:  # the page itself may be gone
@@ -190,24 +197,44 @@ def test_ui_in_a_real_browser(server, page, sync_api, tmp_path):
         expect(page.locator("#run-status")).to_contain_text(
             "Not started. No models are loaded: press 'Load models' in the model panel first")
         assert "Traceback" not in page.inner_text("body")
+        expect(page.get_by_text("Use via API")).to_be_visible()
 
-        # 2. A choice this machine cannot run is listed with its reason and refused when picked; nothing loads.
+        # 2. A choice this machine cannot run is listed with its reason and cannot be picked: it goes back to the
+        #    last value that runs, at once, with the reason.
         name, value = _first_refused_choice()
+        default = C.field_default(LoadOptions, name)
+        statuses = C.choice_status(LoadOptions(preset="tiny"), probe())
+        default_label = next(s.label for s in statuses[name] if s.value == default)
         label = _pick(page, name, value)
         assert label.startswith(f"{value} — unavailable: ")
-        expect(page.locator("#load-check")).to_contain_text(f"Refused: {name}={value}: ")
+        check = page.locator("#load-check")
+        expect(check).to_contain_text(f"{C.LABELS[name]}: {value} is unavailable here (")
+        expect(check).to_contain_text(f"set back to {default}")
+        expect(page.locator(f"#{name.replace('_', '-')} input")).to_have_value(default_label)
+
+        # Every refusal at once, each on its own line: torch.compile on a CPU and sequence parallel in one process.
+        page.get_by_text("More load options").click()
+        page.locator("#compile input").check()
+        ulysses = page.locator("#ulysses input, #ulysses textarea").first
+        ulysses.click()
+        ulysses.press_sequentially("2")  # typed: Gradio's input event (fill() sets the value without it)
+        ulysses.press("Tab")
+        expect(check.locator("li")).to_have_count(2)
+        expect(check.locator("li").nth(0)).to_contain_text("compile=on: needs a CUDA GPU")
+        expect(check.locator("li").nth(1)).to_contain_text("ulysses=2: sequence parallel needs several processes")
         page.click("#load-btn")
-        expect(page.locator("#load-status")).to_contain_text(f"Not loaded. Refused: {name}={value}: ")
+        expect(page.locator("#load-status")).to_contain_text("Not loaded. Refused:")
         page.click("#run-btn")
         expect(page.locator("#run-status")).to_contain_text("No models are loaded")
+        page.reload()  # a fresh form (the defaults)
+        page.wait_for_selector("#load-btn")
 
-        # 3. Back to the default value: the load plan shows requested → effective, then the models load.
-        default = C.field_default(LoadOptions, name)
-        _pick(page, name, default)
-        expect(page.locator("#load-check")).to_contain_text(f"{name}: {default} → ")
+        # 3. The load plan shows requested → effective, then the models load.
+        expect(check).to_contain_text(f"{name}: {default} → ")
         page.click("#load-btn")
         expect(page.locator("#load-status")).to_contain_text("Models loaded (tiny geometry on cpu",
                                                              timeout=LONG_S * 1000)
+        expect(page.locator("#load-btn")).to_be_enabled()
         plan = page.input_value("#load-plan textarea")
         assert f"{name}: {default} → " in plan and "attention: auto → " in plan and "geometry: tiny" in plan
 
@@ -221,7 +248,12 @@ def test_ui_in_a_real_browser(server, page, sync_api, tmp_path):
         page.click("#run-btn")
         status = page.locator("#run-status")
         expect(status).to_contain_text("Done: 75 frames, 3.00 s, seed ", timeout=LONG_S * 1000)
-        expect(page.locator("#run-progress")).to_contain_text("chunk 1/1 · step 2/2")
+        expect(page.locator("#run-progress")).to_contain_text("finished: chunk 1/1 · step 2/2 · elapsed ")
+        expect(page.locator("#run-progress")).not_to_contain_text("ETA")  # no stale estimate after the run
+        bar = page.locator("#run-bar")
+        assert bar.get_attribute("value") == bar.get_attribute("max") == "2"
+        expect(page.locator("#run-btn")).to_have_text("Generate")
+        expect(page.locator("#run-btn")).to_be_enabled()
         seed = page.input_value("#seed-used textarea")
         assert re.fullmatch(r"\d+", seed) and f"seed {seed}," in status.inner_text()
         expect(page.locator("#previews img")).to_have_count(1)
@@ -248,6 +280,13 @@ def test_ui_in_a_real_browser(server, page, sync_api, tmp_path):
         assert sidecar["effective"]["steps"] == 2 and sidecar["effective"]["model_calls"] == 6
         assert "Traceback" not in page.inner_text("body")
 
+        # 6. The run is listed among this server's results, with its video and sidecar.
+        history = page.locator("#history")
+        expect(history).to_contain_text("completed · portrait.png")
+        expect(history.locator("a", has_text="video")).to_have_count(1)
+        listed = history.locator("a", has_text="sidecar").first.get_attribute("href")
+        assert page.request.get(urljoin(server["url"], listed)).json()["seed"] == int(seed)
+
 
 def test_second_page_waits_with_its_position_and_cancel_keeps_the_finished_chunk(server, browser, sync_api,
                                                                                   tmp_path):
@@ -262,6 +301,8 @@ def test_second_page_waits_with_its_position_and_cancel_keeps_the_finished_chunk
         _fill_request(second, expect, _speech(tmp_path, 3), steps=2)
 
         first.click("#run-btn")
+        expect(first.locator("#run-btn")).to_be_disabled()  # busy while its job runs
+        expect(first.locator("#run-btn")).to_have_text("Generating…")
         expect(first.locator("#run-progress")).to_contain_text("chunk 1/2", timeout=LONG_S * 1000)
         second.click("#run-btn")
         expect(second.locator("#run-status")).to_contain_text(
@@ -272,7 +313,120 @@ def test_second_page_waits_with_its_position_and_cancel_keeps_the_finished_chunk
         status = first.locator("#run-status")
         expect(status).to_contain_text("Cancelled. cancelled at chunk 2/2", timeout=LONG_S * 1000)
         expect(status).to_contain_text("the 81 finished frames are kept in ")
+        expect(status).not_to_contain_text("Cancelling")  # the status line is replaced, not stacked
+        expect(first.locator("#run-progress")).to_contain_text("cancelled: chunk 2/2")
+        expect(first.locator("#run-progress")).not_to_contain_text("ETA")
+        expect(first.locator("#run-btn")).to_be_enabled()
         assert abs(_video_duration(first) - 81 / 25) < 0.1
 
         expect(second.locator("#run-status")).to_contain_text("Done: 75 frames, 3.00 s", timeout=LONG_S * 1000)
         assert abs(_video_duration(second) - 3.0) < 0.1
+
+
+def test_the_interface_as_a_tab_of_a_host_app(tmp_path, browser, sync_api):
+    """`build_tab` inside a host's `gr.Tab`: the host's own tab keeps working and a video is made from ours."""
+    expect = sync_api.expect
+    script = Path(__file__).with_name("ui_host_app.py")
+    with _serving(tmp_path, [str(script), "PORT", str(tmp_path / "outputs")]) as host:
+        page = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
+        page.set_default_timeout(60_000)
+        page.goto(host["url"])
+        with _explained(host, page=page):
+            page.locator("#host-say input, #host-say textarea").first.fill("hello")
+            page.locator("#host-say input, #host-say textarea").first.press("Enter")
+            expect(page.locator("#host-echo textarea, #host-echo input").first).to_have_value("HELLO")
+            page.get_by_role("tab", name="Infinite Talk").click()
+            expect(page.locator("#request-plan")).to_contain_text("steps that run: 40")  # the page-load plan
+            page.click("#load-btn")
+            expect(page.locator("#load-status")).to_contain_text("Models loaded (tiny geometry on cpu",
+                                                                 timeout=LONG_S * 1000)
+            _fill_request(page, expect, _speech(tmp_path, 1), steps=1)
+            page.click("#run-btn")
+            expect(page.locator("#run-status")).to_contain_text("Done: 25 frames, 1.00 s", timeout=LONG_S * 1000)
+            assert abs(_video_duration(page) - 1.0) < 0.1
+            assert list((tmp_path / "outputs").glob("*/talk.json"))
+
+
+def test_gradio_client_loads_generates_and_downloads(server, tmp_path):
+    """A script drives the running UI with the official client, keyword arguments only."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(server["url"], download_files=str(tmp_path / "downloads"), verbose=False)
+    api = client.view_api(return_format="dict", print_info=False)
+    assert {"/load_models", "/plan", "/generate"} <= set(api["named_endpoints"])
+    assert not api["unnamed_endpoints"]  # the page's own handlers are not part of the API
+    params = {p["parameter_name"]: p for p in api["named_endpoints"]["/generate"]["parameters"]}
+    assert all(p["parameter_has_default"] for p in params.values())
+    assert params["size"]["python_type"]["type"] == "Literal['480', '720']"
+    assert params["size"]["parameter_default"] == "480" and params["steps"]["parameter_default"] == 40
+
+    status, plan = client.predict(api_name="/load_models")  # every option at its default: the tiny preset here
+    assert status.startswith("Models loaded (tiny geometry on cpu") and "geometry: tiny" in plan
+    with pytest.raises(AppError, match="no speech: upload speaker 1's audio"):
+        client.predict(image=handle_file(str(EXAMPLES / "portrait.png")), api_name="/generate")
+
+    speech = _speech(tmp_path, 1)
+    plan = client.predict(image=handle_file(str(EXAMPLES / "portrait.png")), audio=handle_file(str(speech)),
+                          steps=2, size="480", api_name="/plan")
+    assert "steps that run: 2" in plan and "chunks: 1 → 25 frames" in plan
+    video, sidecar_path, seed, status = client.predict(
+        image=handle_file(str(EXAMPLES / "portrait.png")), audio=handle_file(str(speech)), steps=2, size="480",
+        seed="7", api_name="/generate")
+    assert status.startswith("Done: 25 frames, 1.00 s, seed 7,") and seed == "7"
+    assert Path(video).is_relative_to(tmp_path / "downloads") and Path(video).suffix == ".mp4"
+    info = probe_media(video)
+    assert (info.frames, info.video_codec, info.audio_codec) == (25, "h264", "aac")
+    sidecar = json.loads(Path(sidecar_path).read_text())
+    assert sidecar["status"] == "completed" and sidecar["seed"] == 7 and sidecar["effective"]["steps"] == 2
+
+
+def test_inputs_checked_on_upload_refusals_by_name_and_a_compact_page(server, page, sync_api, tmp_path):
+    """Uploads are checked when they arrive (message under the box, the user's file name); a run refused before it
+    starts writes nothing; out-of-range numbers and the refused fast mode are named on the page; examples fill
+    the form; rarely changed fields are folded; audio boxes have no Share button."""
+    expect = sync_api.expect
+    with _explained(server, page=page):
+        bad = tmp_path / "my notes.wav"
+        bad.write_text("hello, this is not audio")
+        page.locator("#audio1 input[type=file]").set_input_files(str(bad))
+        check = page.locator("#audio1-check")
+        expect(check).to_contain_text("Refused: my notes.wav: cannot decode audio")
+        expect(check).not_to_contain_text("/gradio/")
+        short = tmp_path / "short.wav"
+        data, rate = sf.read(EXAMPLES / "speech_en.wav", dtype="float32")
+        sf.write(short, data[: rate // 10], rate)
+        page.locator("#audio2 input[type=file]").set_input_files(str(short))
+        expect(page.locator("#audio2-check")).to_contain_text(
+            "Refused: Speaker 2 audio (optional): short.wav is 0.10 s long; speech must be at least 0.5 s")
+        fake = tmp_path / "face.png"
+        fake.write_text("not a picture")
+        page.locator("#ref-image input[type=file]").set_input_files(str(fake))
+        expect(page.locator("#ref-check")).to_contain_text("Reference refused: face.png: not a readable image")
+        assert "Error:" not in page.inner_text("#ref-check")
+
+        before = set(server["outputs"].iterdir()) if server["outputs"].exists() else set()
+        page.click("#run-btn")
+        expect(page.locator("#run-status")).to_contain_text("Not started.")
+        after = set(server["outputs"].iterdir()) if server["outputs"].exists() else set()
+        assert after == before  # nothing written for a run that never started
+
+        steps = page.locator("#steps input")
+        steps.fill("5000")
+        steps.press("Tab")
+        expect(page.locator("#request-plan")).to_contain_text("Steps: 5000 is outside [1, 1000]")
+
+        _pick(page, "mode", "fast")
+        expect(page.locator("#load-check")).to_contain_text("Mode fast refused:")
+        expect(page.locator("#load-check")).to_contain_text("'LoRA files'")
+        expect(page.locator("#load-check")).not_to_contain_text("--lora")
+        expect(page.locator("#mode input")).to_have_value("standard")
+        assert page.input_value("#steps input") == "5000"  # a refused mode changes nothing
+
+        page.locator("#examples").get_by_text("portrait + English speech").click()
+        expect(page.locator("#ref-check")).to_contain_text("✓ portrait.png: ")
+        expect(check).to_contain_text("✓ speech_en.wav: ")
+        expect(page.locator("#audio1 button[aria-label*='Share' i], #audio1 button[title*='Share' i]")).to_have_count(0)
+        expect(page.locator("#negative-prompt")).to_be_hidden()  # folded
+        attention = page.locator("#attention input")
+        assert attention.evaluate("e => e.scrollWidth <= e.clientWidth")  # "auto → sdpa-native" fits

@@ -31,7 +31,7 @@ def test_controls_carry_the_schema_help_choices_and_ranges():
     meta = {f.name: f.metadata for f in dataclasses.fields(GenerateOptions)}
     steps = C.field_spec(GenerateOptions, "steps")
     assert (steps.kind, steps.minimum, steps.maximum, steps.integer, steps.default) == ("number", 1, 1000, True, 40)
-    assert steps.info == meta["steps"]["help"]
+    assert steps.info == f"{meta['steps']['help']} (1 to 1000)"
     text = C.field_spec(GenerateOptions, "text_scale")
     assert (text.kind, text.minimum, text.maximum, text.step, text.integer) == ("slider", 0.0, 50.0, 0.1, False)
     sched = C.field_spec(GenerateOptions, "scheduler")
@@ -78,7 +78,7 @@ def test_load_check_shows_the_plan_or_the_refusal():
     ok = C.load_check_text(LoadOptions(preset="tiny"), CPU)
     assert "attention: auto → sdpa-native (" in ok and "device: auto → cpu" in ok
     refused = C.load_check_text(LoadOptions(preset="tiny", attention="flash_attn_3"), CPU)
-    assert refused.startswith("**Refused:** attention=flash_attn_3: needs a Hopper GPU")
+    assert refused.startswith("**Refused:**\n\n- attention=flash_attn_3: needs a Hopper GPU")
     assert "never swapped" in refused
     table = C.availability_table(C.choice_status(LoadOptions(), CPU))
     assert "| attention | flash_attn_3 | ✗ unavailable: needs a Hopper GPU" in table
@@ -173,12 +173,12 @@ def test_failures_become_one_message_without_a_traceback():
     assert C.failure_text(NotLoadedError("Transformer is not loaded")) == "Transformer is not loaded"
     oom = C.failure_text(MemoryError("cannot allocate 40 GiB"), GenerateOptions(size=720),
                          LoadOptions(model_precision="fp32"), C.choice_status(LoadOptions(), CPU))
-    assert oom.startswith("Out of memory (MemoryError: cannot allocate 40 GiB)")
+    assert oom.startswith("Out of memory (cannot allocate 40 GiB)")
     assert "resolution 480" in oom and "model precision fp16 or bf16 (half of fp32" in oom and "Finished chunks are kept" in oom
     cuda_like = C.failure_text(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"))
-    assert cuda_like.startswith("Out of memory (RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB)")
+    assert cuda_like.startswith("Out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
     other = C.failure_text(KeyError("boom"))
-    assert other.startswith("Internal error: KeyError: 'boom'.") and "server keeps running" in other
+    assert other.startswith("Internal error: 'boom'.") and "server keeps running" in other
     assert "Traceback" not in other
 
 
@@ -200,3 +200,104 @@ def test_a_mode_preset_fills_the_fields_visibly():
     assert load == {"quantization": "disabled"}  # fp8 would only store weights on a CPU: the preset says so
     assert (generate["scheduler"], generate["steps"], generate["text_scale"], generate["audio_scale"]) == (
         "distill4", 4, 1.0, 1.0)
+
+
+# ---- UI security: a login beyond loopback ----------------------------------------------------------------------------
+def test_auth_is_required_beyond_loopback():
+    for host in ("127.0.0.1", "localhost", "::1"):
+        app.check_exposure(host, None)
+    with pytest.raises(OptionError, match="refusing to serve the UI on 0.0.0.0 without a login: pass --auth"):
+        app.check_exposure("0.0.0.0", None)
+    app.check_exposure("0.0.0.0", ("me", "long enough"))
+    assert app.parse_auth("me:a:b:c:long") == ("me", "a:b:c:long") and app.parse_auth(None) is None
+    for bad in ("nocolon", ":password1", "me:", "me:short"):
+        with pytest.raises(OptionError, match="--auth"):
+            app.parse_auth(bad)
+
+
+def test_ui_command_refuses_to_serve_beyond_loopback_without_a_login(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != app.AUTH_ENV}
+    done = subprocess.run([sys.executable, "-m", "infinite_talk.cli", "ui", "--preset", "tiny", "--host", "0.0.0.0",
+                           "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: refusing to serve the UI on 0.0.0.0 without a login: pass --auth USER:PASSWORD (or set "
+        f"{app.AUTH_ENV}) or serve on 127.0.0.1"]
+    assert not (tmp_path / "out").exists()  # refused before anything was set up
+
+
+def test_a_launched_ui_asks_scripts_for_the_login(tmp_path):
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from gradio_client import Client
+
+    from infinite_talk.ui.session import Studio
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = app.launch(Studio(preset="tiny", output_dir=tmp_path, caps=CPU), port=port, block=False,
+                      auth=("me", "long enough"))
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30)
+        assert refused.value.code == 401
+        client = Client(f"http://127.0.0.1:{port}/", auth=("me", "long enough"), verbose=False)
+        assert "/generate" in client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    finally:
+        demo.close()
+
+
+# ---- #20: refusals together, page wording, boxes, speech minimum, recent runs ---------------------------------------
+def test_every_refusal_is_listed_on_its_own_line():
+    text = C.load_check_text(LoadOptions(preset="tiny", compile=True, ulysses=2), CPU)
+    lines = [line for line in text.splitlines() if line.startswith("- ")]
+    assert len(lines) == 2 and lines[0].startswith("- compile=on: ") and lines[1].startswith("- ulysses=2: ")
+    table = C.availability_table(C.choice_status(LoadOptions(preset="tiny"), CPU))
+    assert "| compile | on | ✗ unavailable: needs a CUDA GPU" in table
+
+
+def test_messages_use_the_users_file_name_and_the_pages_fields(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    raw = f"{tmp_path}/gradio/0a1b2c/my face.png: not a readable image (UnidentifiedImageError: cannot identify)"
+    assert C.page_text(raw) == "my face.png: not a readable image (cannot identify)"
+    assert C.page_text("pass --lora FILE or set --steps 4") == "pass a file under 'LoRA files' or set Steps 4"
+    with pytest.raises(OptionError) as err:
+        C.request_from_form(C.TASK_IMAGE, {"steps": 5000})
+    assert C.failure_text(err.value) == "Steps: 5000 is outside [1, 1000]"
+    assert C.failure_text(ValueError("boom")).startswith("Internal error: boom.")
+
+
+def test_speaker_boxes_accept_the_documented_and_the_json_form():
+    documented = C.request_from_form(C.TASK_IMAGE, {"bbox": "0 0 10 20; 5 6 7 8"}).bbox
+    assert documented == C.request_from_form(C.TASK_IMAGE, {"bbox": "[[0, 0, 10, 20], [5, 6, 7, 8]]"}).bbox == [
+        [0, 0, 10, 20], [5, 6, 7, 8]]
+    assert "row_min col_min row_max col_max" in C.field_spec(GenerateOptions, "bbox").info
+    with pytest.raises(OptionError, match="box 1"):
+        C.request_from_form(C.TASK_IMAGE, {"bbox": "1 2 3"})
+
+
+def test_resolution_is_documented_and_accepted_as_text():
+    size = C.field_spec(GenerateOptions, "size")
+    assert C.widget_choices(size) == [("480", "480"), ("720", "720")] and C.widget_default(size) == "480"
+    assert C.request_from_form(C.TASK_IMAGE, {"size": "720"}).size == 720
+
+
+def test_too_short_speech_is_refused_with_the_minimum(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from infinite_talk.media.request_check import check_audio
+
+    sf.write(tmp_path / "short.wav", np.zeros(1600, dtype="float32"), 16000)
+    with pytest.raises(InputError, match=r"short.wav is 0.10 s long; speech must be at least 0.5 s"):
+        C.speech_check_text(check_audio(tmp_path / "short.wav"), "Speaker 1 audio")
+    sf.write(tmp_path / "ok.wav", np.zeros((16000, 2), dtype="float32"), 16000)
+    assert C.speech_check_text(check_audio(tmp_path / "ok.wav"), "x") == "✓ ok.wav: 1.00 s, stereo, 16000 Hz"

@@ -9,6 +9,11 @@ with the planner's reason, and is refused if picked: never swapped for another v
 from __future__ import annotations
 
 import dataclasses
+import html
+import json
+import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +63,13 @@ EMPTY_MEANS = {
     "max_seconds": "empty: the whole audio",
     "bbox": "empty: left and right halves",
 }
+# The page's own help where the schema's names the API/JSON form.
+INFO = {
+    "bbox": "one box per speaker in source pixels: row_min col_min row_max col_max, speakers separated by ';' "
+            "(e.g. 0 0 480 420; 0 420 480 840); checked against the reference before a run",
+}
+# Shorter speech makes a video of a few frames (0.1 s gives 2): refused at upload and at Generate.
+MIN_SPEECH_S = 0.5
 FLOAT_STEP = 0.1
 SLIDER_MAX_SPAN = 100  # wider integer/float ranges get a number box (a slider over 1..1000 is unusable)
 
@@ -99,7 +111,7 @@ def field_spec(cls, name: str) -> ControlSpec:
     type_kind, optional = field_kind(cls, name)
     default = field_default(cls, name)
     label = LABELS.get(name, name.replace("_", " ").capitalize())
-    info = meta.get("help", "")
+    info = INFO.get(name, meta.get("help", ""))
     if optional and name in EMPTY_MEANS:
         info = f"{info} ({EMPTY_MEANS[name]})"
     elif optional and default is None:
@@ -123,9 +135,17 @@ def field_spec(cls, name: str) -> ControlSpec:
             kind = "slider"
         else:
             kind = "number"
+        if kind == "number" and (lo is not None or hi is not None):
+            info = f"{info} ({_range_text(lo, hi)})"
         return ControlSpec(name, kind, label, info, default, minimum=lo, maximum=hi, step=step, integer=integer,
                            optional=optional)
     return ControlSpec(name, "textbox", label, info, default, optional=optional)
+
+
+def _range_text(lo, hi) -> str:
+    if lo is not None and hi is not None:
+        return f"{lo:g} to {hi:g}"
+    return f"at least {lo:g}" if lo is not None else f"at most {hi:g}"
 
 
 def load_choice_fields() -> tuple[str, ...]:
@@ -145,6 +165,12 @@ def other_load_fields() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(LoadOptions) if f.name not in placed)
 
 
+def widget_choices(spec: ControlSpec) -> list[tuple[str, str]]:
+    """A choice control's (label, value) pairs with text values: Gradio documents a choice as a string (e.g. the
+    resolution as '480' | '720'), so the control holds exactly the string it documents (read back by `options.read`)."""
+    return [(label, str(value)) for label, value in spec.choices]
+
+
 def widget_default(spec: ControlSpec) -> Any:
     """The value a widget starts with: the schema default in the widget's own form."""
     if spec.kind == "optional_number":
@@ -153,6 +179,8 @@ def widget_default(spec: ControlSpec) -> Any:
         return "\n".join(spec.default or [])
     if spec.kind == "textbox":
         return spec.default or ""
+    if spec.kind in ("dropdown", "radio") and spec.default is not None:
+        return str(spec.default)
     return spec.default
 
 
@@ -174,7 +202,7 @@ class ChoiceStatus:
     @property
     def label(self) -> str:
         if not self.available:
-            return f"{self.value} — unavailable: {self.reason}"
+            return f"{self.value} — unavailable: {page_text(self.reason)}"
         if self.effective and self.effective != self.value:
             return f"{self.value} → {self.effective}"
         return self.value
@@ -205,21 +233,31 @@ def _reason(err: OptionError, name: str, value: str) -> str:
     return text[len(prefix):] if text.startswith(prefix) else text
 
 
+def switch_fields() -> tuple[str, ...]:
+    """LoadOptions on/off fields (e.g. compile): listed with the choices in the availability table."""
+    return tuple(f.name for f in dataclasses.fields(LoadOptions) if field_spec(LoadOptions, f.name).kind == "checkbox")
+
+
+def _shown(value) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
 def choice_status(options: LoadOptions, caps) -> dict[str, list[ChoiceStatus]]:
-    """For each choice field, every value with what it resolves to here (others as in `options`) or why not."""
+    """For each choice (and on/off) field, every value with what it resolves to here (others as in `options`) or
+    why not."""
     out: dict[str, list[ChoiceStatus]] = {}
-    for name in load_choice_fields():
+    for name in load_choice_fields() + switch_fields():
         base = _base_for(options, name, caps)
+        values = (False, True) if name in switch_fields() else [v for _, v in field_spec(LoadOptions, name).choices]
         rows = []
-        for value in field_spec(LoadOptions, name).choices:
-            value = value[1]
+        for value in values:
             try:
                 plan = preflight(dataclasses.replace(base, **{name: value}), caps)
                 r = plan.options.get(name)  # options the planner does not resolve run as given
-                rows.append(ChoiceStatus(value, True, r.effective if r else value,
+                rows.append(ChoiceStatus(value, True, r.effective if r else _shown(value),
                                          r.reason if r else "applied as given"))
             except OptionError as err:
-                rows.append(ChoiceStatus(value, False, None, _reason(err, name, value)))
+                rows.append(ChoiceStatus(value, False, None, _reason(err, name, _shown(value))))
         out[name] = rows
     return out
 
@@ -234,17 +272,39 @@ def device_choices(caps) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_check_text(options: LoadOptions | None, caps, error: InfiniteTalkError | None = None) -> str:
-    """The live check under the model panel: what Load would run, or the refusal."""
-    if error is None and options is not None:
+def refusals(options: LoadOptions, caps) -> list[OptionError]:
+    """Every refused option of `options`, not only the first the planner meets: each refused one is set back to its
+    default and the rest checked again."""
+    found: list[OptionError] = []
+    base = options
+    for _ in range(len(_fields(LoadOptions))):
         try:
-            plan = preflight(options, caps)
+            preflight(base, caps)
+            return found
         except OptionError as err:
-            error = err
-        else:
+            found.append(err)
+            name = err.option
+            if name is None or name not in _fields(LoadOptions):
+                return found
+            default = field_default(LoadOptions, name)
+            if getattr(base, name) == default:
+                return found
+            base = dataclasses.replace(base, **{name: default})
+    return found
+
+
+def load_check_text(options: LoadOptions | None, caps, error: InfiniteTalkError | None = None) -> str:
+    """The live check under the model panel: what Load would run, or every refusal, one line each."""
+    errors = [error] if error is not None else []
+    if options is not None:
+        errors += refusals(options, caps)
+        if not errors:
+            plan = preflight(options, caps)
             lines = "\n".join(f"- {line}" for line in plan.lines())
             return f"**Load plan** (requested → effective, reason):\n\n{lines}"
-    return f"**Refused:** {error}\n\nThis choice cannot run here and is never swapped for another; pick another value."
+    lines = "\n".join(f"- {page_text(str(e))}" for e in errors)
+    return (f"**Refused:**\n\n{lines}\n\nWhat is refused cannot run here and is never swapped for another value; "
+            "change it to load.")
 
 
 def availability_table(statuses: dict[str, list[ChoiceStatus]]) -> str:
@@ -252,8 +312,8 @@ def availability_table(statuses: dict[str, list[ChoiceStatus]]) -> str:
     rows = ["| option | value | here |", "|---|---|---|"]
     for name, entries in statuses.items():
         for s in entries:
-            here = f"✓ {s.effective}: {s.reason}" if s.available else f"✗ unavailable: {s.reason}"
-            rows.append(f"| {name} | {s.value} | {_cell(here)} |")
+            here = f"✓ {s.effective}: {s.reason}" if s.available else f"✗ unavailable: {page_text(s.reason)}"
+            rows.append(f"| {name} | {_shown(s.value)} | {_cell(here)} |")
     return "\n".join(rows)
 
 
@@ -362,6 +422,12 @@ def request_from_form(task: str, values: dict[str, Any], out: str | None = None)
     data.pop("video" if task == TASK_IMAGE else "image", None)
     if out is not None:
         data["out"] = out
+    bbox = data.get("bbox")
+    if isinstance(bbox, str) and bbox.strip().startswith("[["):  # the API's JSON form in the text box
+        try:
+            data["bbox"] = json.loads(bbox)
+        except ValueError:
+            pass  # read() names the box that is not 4 whole numbers
     return read(GenerateOptions, data)
 
 
@@ -484,14 +550,75 @@ def memory_advice(request: GenerateOptions | None, load: LoadOptions | None,
 
 def failure_text(err: BaseException, request: GenerateOptions | None = None, load: LoadOptions | None = None,
                  statuses: dict[str, list[ChoiceStatus]] | None = None) -> str:
-    """One readable message for any failure; never a traceback."""
+    """One readable message for any failure; never a traceback, an exception class or an upload's temporary path."""
+    if isinstance(err, OptionError):
+        return page_text(field_named(err))
     if isinstance(err, InfiniteTalkError):
-        return str(err)
-    first = (str(err).strip().splitlines() or [""])[0][:300]
+        return page_text(str(err))
+    first = page_text((str(err).strip().splitlines() or [""])[0][:300])
     if is_out_of_memory(err):
         advice = memory_advice(request, load, statuses)
         tip = ("settings that need less memory: " + "; ".join(advice)) if advice else \
             "free memory (close other programs using the GPU) or use a shorter maximum duration"
-        return f"Out of memory ({type(err).__name__}: {first}). Finished chunks are kept; {tip}."
-    return (f"Internal error: {type(err).__name__}: {first}. The server keeps running; the details are in the "
-            "server log — please report it.")
+        return f"Out of memory ({first}). Finished chunks are kept; {tip}."
+    return f"Internal error: {first}. The server keeps running; the details are in the server log — please report it."
+
+
+# ---- the page's words ------------------------------------------------------------------------------------------------
+# CLI flags in shared messages (presets, planner) → the page's fields.
+FLAG_LABELS = {"--lora FILE": "a file under 'LoRA files'", "--lora": "'LoRA files'", "--steps": "Steps",
+               "--text-scale": "Text guidance scale", "--audio-scale": "Audio guidance scale",
+               "--models-dir": "the models folder (--models-dir at start)"}
+
+
+def upload_root() -> str:
+    """Where Gradio keeps uploads (GRADIO_TEMP_DIR, else <temp>/gradio)."""
+    return os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio")
+
+
+def page_text(text: str) -> str:
+    """A shared message as the page says it: an upload's temporary path becomes the file's own name (Gradio keeps it
+    as <upload root>/<hash>/<name>), a CLI flag the page's field."""
+    root = re.escape(os.path.abspath(upload_root()).rstrip(os.sep))
+    text = re.sub(root + r"/[^/\s]+/(?:[^/\s]+/)*", "", text)
+    for flag, label in FLAG_LABELS.items():
+        text = re.sub(re.escape(flag) + r"(?![\w-])", label, text)
+    return re.sub(r"\b[A-Z]\w*(?:Error|Exception): ", "", text)  # a library's exception class means nothing here
+
+
+def field_named(err: OptionError) -> str:
+    """An option error led by the field's label on the page ('Steps: 5000 is outside [1, 1000]')."""
+    name = getattr(err, "option", None) or _blame_field(str(err))
+    text = str(err)
+    if name and name in LABELS and text.startswith(f"{name}:"):
+        return f"{LABELS[name]}{text[len(name):]}"
+    return text
+
+
+def _blame_field(text: str) -> str | None:
+    m = re.match(r"(\w+)[:=]", text)
+    return m.group(1) if m else None
+
+
+def progress_html(info: dict | None, final: str | None = None) -> str:
+    """A progress bar over every step of every chunk; `final` replaces the time line once the run has ended (no
+    stale ETA)."""
+    if info is None:
+        return ""
+    total = max(1, info["chunks"] * info["steps"])
+    done = min(total, (info["chunk"] - 1) * info["steps"] + info["step"])
+    line = progress_text(info) if final is None else (
+        f"{final}: chunk {info['chunk']}/{info['chunks']} · step {info['step']}/{info['steps']} · "
+        f"elapsed {_duration(info['elapsed_s'])}")
+    return (f'<progress id="run-bar" value="{done}" max="{total}" style="width:100%"></progress>'
+            f'<div id="run-bar-text">{html.escape(line)}</div>')
+
+
+def speech_check_text(info, label: str) -> str:
+    """What the upload check found in a speech file, or the refusal of one too short."""
+    seconds = info.seconds
+    if seconds < MIN_SPEECH_S:
+        raise InputError(f"{label}: {info.path.name} is {seconds:.2f} s long; speech must be at least "
+                         f"{MIN_SPEECH_S:g} s (shorter makes a video of a few frames)")
+    channels = {1: "mono", 2: "stereo"}.get(info.channels, f"{info.channels} channels")
+    return f"✓ {info.path.name}: {seconds:.2f} s, {channels}, {info.rate} Hz"

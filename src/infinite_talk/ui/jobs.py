@@ -91,12 +91,12 @@ def job_panel(studio: Studio, job_id: str | None) -> JobPanel:
                         + (f", resumed at chunk {job.resumed_from_chunk + 1}" if job.resumed_from_chunk else ""))
         info = job.progress or {}
         if all(k in info for k in ("chunk", "chunks", "step", "steps", "passes", "elapsed_s", "eta_s")):
-            panel.progress = C.progress_text(info)
+            panel.progress = C.progress_html(info)
         return panel
     info = job.progress or {}
-    if job.state == "completed" and all(k in info for k in ("chunk", "chunks", "step", "steps", "passes",
-                                                            "elapsed_s", "eta_s")):
-        panel.progress = C.progress_text(info)  # the last report: what ran
+    if all(k in info for k in ("chunk", "chunks", "step", "steps", "passes", "elapsed_s", "eta_s")):
+        # the last report: what ran, with the end instead of an estimate
+        panel.progress = C.progress_html(info, {"completed": "finished"}.get(job.state, job.state))
     video, sidecar = studio.result_paths(job)
     panel.video = str(video) if video else None
     panel.sidecar = str(sidecar) if sidecar else None
