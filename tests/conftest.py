@@ -38,3 +38,22 @@ def short_wav(tmp_path_factory):
     path = tmp_path_factory.mktemp("audio") / "short.wav"
     sf.write(path, data[: rate // 2], rate)
     return path
+
+
+@pytest.fixture(scope="module")
+def sync_api():
+    """Playwright's sync API for the browser tests (tests/browser_support.py: a failure in CI when missing)."""
+    from browser_support import playwright_api
+
+    return playwright_api()
+
+
+@pytest.fixture
+def browser(sync_api):
+    """Debian's chromium, headless, closed after the test."""
+    from browser_support import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_api.sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield launched
+        launched.close()

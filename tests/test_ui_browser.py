@@ -12,121 +12,31 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urljoin
 
 import pytest
 import soundfile as sf
 
+from browser_support import LONG_S, open_page, serving
 from infinite_talk.media.mp4 import probe_media
 from infinite_talk.options import LoadOptions
 from infinite_talk.plan.probe import probe
 from infinite_talk.ui import controls as C
 
 EXAMPLES = Path(__file__).parent / "data" / "examples"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--autoplay-policy=no-user-gesture-required"]
-SERVER_START_S = 180
-LONG_S = 300  # loading/generating on a busy 2-core CI machine
-
-
-def _unavailable(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI must run the browser test (.ci/system-deps installs chromium)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def sync_api():
-    if not Path(CHROMIUM).is_file():
-        _unavailable("Debian's chromium is not installed (apt-get install chromium)")
-    try:
-        from playwright import sync_api
-    except ImportError:
-        _unavailable("playwright is not installed (pip install -e '.[test]')")
-    return sync_api
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _serving(folder: Path, command: list[str]):
-    """Start a UI server process (`command` after the Python interpreter) and wait until it answers."""
-    port = _free_port()
-    env = {**os.environ, "INFINITE_TALK_CACHE": str(folder / "cache"), "GRADIO_ANALYTICS_ENABLED": "False",
-           "GRADIO_TEMP_DIR": str(folder / "gradio"), "HF_HUB_OFFLINE": "1"}
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, *[str(port) if c == "PORT" else c for c in command]],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + SERVER_START_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the UI server exited with {proc.returncode}:\n{(folder / 'server.log').read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the UI server did not answer within {SERVER_START_S} s:\n"
-                            f"{(folder / 'server.log').read_text()}")
-            time.sleep(0.5)
-        yield {"url": url, "log": folder / "server.log", "outputs": folder / "outputs"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, sync_api):
     folder = tmp_path_factory.mktemp("ui")
-    with _serving(folder, ["-m", "infinite_talk.cli", "ui", "--preset", "tiny", "--host", "127.0.0.1", "--port",
+    with serving(folder, ["-m", "infinite_talk.cli", "ui", "--preset", "tiny", "--host", "127.0.0.1", "--port",
                                "PORT", "--output-dir", str(folder / "outputs")]) as served:
         yield served
 
 
 @pytest.fixture
-def browser(sync_api):
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
-
-
-def _open(browser, url: str):
-    """A page in its own browser context: its own Gradio session, as a second person would have."""
-    page = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
-    page.set_default_timeout(60_000)
-    page.goto(url)
-    page.wait_for_selector("#load-btn")
-    return page
-
-
-@pytest.fixture
 def page(server, browser):
-    return _open(browser, server["url"])
+    return open_page(browser, server["url"])
 
 
 def _speech(folder: Path, seconds: int) -> Path:
@@ -291,7 +201,7 @@ def test_ui_in_a_real_browser(server, page, sync_api, tmp_path):
 def test_second_page_waits_with_its_position_and_cancel_keeps_the_finished_chunk(server, browser, sync_api,
                                                                                   tmp_path):
     expect = sync_api.expect
-    first, second = _open(browser, server["url"]), _open(browser, server["url"])
+    first, second = open_page(browser, server["url"]), open_page(browser, server["url"])
     with _explained(server, first=first, second=second):
         first.click("#load-btn")
         expect(first.locator("#load-status")).to_contain_text("Models loaded", timeout=LONG_S * 1000)
@@ -327,7 +237,7 @@ def test_the_interface_as_a_tab_of_a_host_app(tmp_path, browser, sync_api):
     """`build_tab` inside a host's `gr.Tab`: the host's own tab keeps working and a video is made from ours."""
     expect = sync_api.expect
     script = Path(__file__).with_name("ui_host_app.py")
-    with _serving(tmp_path, [str(script), "PORT", str(tmp_path / "outputs")]) as host:
+    with serving(tmp_path, [str(script), "PORT", str(tmp_path / "outputs")]) as host:
         page = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
         page.set_default_timeout(60_000)
         page.goto(host["url"])

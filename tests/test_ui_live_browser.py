@@ -9,91 +9,22 @@ In CI (env CI set) a missing chromium or Playwright is a failure; elsewhere the 
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urljoin
 
 import pytest
 import soundfile as sf
 
+from browser_support import CHROMIUM, CHROMIUM_ARGS, LONG_S, open_page, serving
+
 EXAMPLES = Path(__file__).parent / "data" / "examples"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--autoplay-policy=no-user-gesture-required"]
-SERVER_START_S = 180
-LONG_S = 300  # loading/generating on a busy 2-core CI machine
-
-
-def _unavailable(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI must run the browser test (.ci/system-deps installs chromium)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def sync_api():
-    if not Path(CHROMIUM).is_file():
-        _unavailable("Debian's chromium is not installed (apt-get install chromium)")
-    try:
-        from playwright import sync_api
-    except ImportError:
-        _unavailable("playwright is not installed (pip install -e '.[test]')")
-    return sync_api
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, sync_api):
     folder = tmp_path_factory.mktemp("ui-live")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "INFINITE_TALK_CACHE": str(folder / "cache"), "GRADIO_ANALYTICS_ENABLED": "False",
-           "GRADIO_TEMP_DIR": str(folder / "gradio"), "HF_HUB_OFFLINE": "1"}
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "infinite_talk.cli", "ui", "--preset", "tiny", "--host", "127.0.0.1", "--port",
-         str(port), "--output-dir", str(folder / "outputs")],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + SERVER_START_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the UI server exited with {proc.returncode}:\n{(folder / 'server.log').read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the UI server did not answer within {SERVER_START_S} s")
-            time.sleep(0.5)
-        yield {"url": url, "log": folder / "server.log", "outputs": folder / "outputs"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def _open(browser, url: str):
-    page = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
-    page.set_default_timeout(60_000)
-    page.goto(url)
-    page.wait_for_selector("#load-btn")
-    return page
+    with serving(folder, ["-m", "infinite_talk.cli", "ui", "--preset", "tiny", "--host", "127.0.0.1", "--port",
+                          "PORT", "--output-dir", str(folder / "outputs")]) as served:
+        yield served
 
 
 def test_reload_shows_the_running_job_and_its_live_video_plays_before_it_ends(server, sync_api, tmp_path):
@@ -103,7 +34,7 @@ def test_reload_shows_the_running_job_and_its_live_video_plays_before_it_ends(se
     sf.write(speech, data[: 5 * rate], rate)  # 125 frames: 2 chunks
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = _open(browser, server["url"])
+        page = open_page(browser, server["url"])
         try:
             page.click("#load-btn")
             expect(page.locator("#load-status")).to_contain_text("Models loaded", timeout=LONG_S * 1000)
@@ -123,7 +54,7 @@ def test_reload_shows_the_running_job_and_its_live_video_plays_before_it_ends(se
             expect(page.locator("#run-status")).to_contain_text("Running… job ")
             expect(page.locator("#run-progress")).to_contain_text("chunk ")
             expect(page.locator("#load-plan textarea")).to_have_value(re.compile("geometry: tiny"))
-            second = _open(browser, server["url"])  # a second tab sees the same
+            second = open_page(browser, server["url"])  # a second tab sees the same
             expect(second.locator("#run-status")).to_contain_text("Running… job ")
             expect(second.locator("#load-status")).to_contain_text("Models loaded")
 
