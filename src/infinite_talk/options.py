@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
@@ -312,6 +313,16 @@ def _number(name: str, raw: Any, kind: str) -> float:
 def _boxes(name: str, raw: Any) -> list[list[int]] | None:
     """Speaker boxes from text ('r0 c0 r1 c1; ...', commas and brackets allowed), from a list of boxes (JSON), or from
     the command line's `--bbox R0 C0 R1 C1 --bbox ...` (lists of text numbers)."""
+    single = raw
+    while isinstance(single, list | tuple) and len(single) == 1:
+        single = single[0]  # one command-line value arrives as [[text]]
+    if isinstance(single, str) and single.strip().startswith("[["):
+        raw = single
+    if isinstance(raw, str) and raw.strip().startswith("[["):  # a list of boxes as JSON text (the API's form)
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            pass  # read as text below: the refusal names the box that is not 4 whole numbers
     if isinstance(raw, str):
         texts = [raw]
     elif isinstance(raw, list | tuple) and all(isinstance(box, list | tuple | str) for box in raw):

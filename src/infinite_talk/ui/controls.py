@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import json
 import os
 import re
 import tempfile
@@ -422,12 +421,6 @@ def request_from_form(task: str, values: dict[str, Any], out: str | None = None)
     data.pop("video" if task == TASK_IMAGE else "image", None)
     if out is not None:
         data["out"] = out
-    bbox = data.get("bbox")
-    if isinstance(bbox, str) and bbox.strip().startswith("[["):  # the API's JSON form in the text box
-        try:
-            data["bbox"] = json.loads(bbox)
-        except ValueError:
-            pass  # read() names the box that is not 4 whole numbers
     return read(GenerateOptions, data)
 
 
